@@ -1,0 +1,169 @@
+"""Typed configuration schema. The docstrings are the documentation.
+
+Field names of the ``training:`` and ``training_logger:`` blocks follow the
+original LMCleaner system so its users find their way. Every block is a
+dataclass; OmegaConf builds a structured config from them, so an unknown key
+or a wrong type is an error naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune.
+
+    ``name_or_path``: ``"tiny-llama"`` builds the embedded default (a 2-layer
+    Llama from a ``transformers`` config, no download); anything else is passed
+    to ``AutoModelForCausalLM.from_pretrained`` (hub id or local directory).
+    """
+
+    name_or_path: str = "tiny-llama"
+    tokenizer: Optional[str] = None  # default: same as name_or_path; "embedded" = shipped tokenizer
+    attn_implementation: str = "eager"  # eager: the curvature path needs forward-mode AD (no flash SDPA on CPU)
+    dtype: str = "float32"  # weights dtype at load: float32|bfloat16|float16
+    trust_remote_code: bool = False
+    # Shape of the embedded tiny Llama (ignored for pretrained models).
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 256
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through ``peft``; only adapter weights are trained."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class TrainingConfig:
+    """The training run (names as in the original system)."""
+
+    training_mode: str = "instruction_finetuning"  # pretraining | instruction_finetuning
+    dataset_name: str = "embedded"  # "embedded" | local json/jsonl/parquet/csv path | hub dataset name
+    dataset_subset: Optional[str] = None
+    dataset_split: str = "train"
+    text_field: Any = None  # pretraining: "text"; instruction: auto-detect, a field name, or a list of fields
+    validation_dataset: Optional[str] = None  # "embedded" holdout, a path, or None (no eval)
+    validation_split: str = "train"
+    max_length: int = 128
+    num_samples: Optional[int] = None  # keep the first N rows
+    seed: int = 42
+    num_epochs: int = 10
+    max_steps: int = -1  # > 0 overrides num_epochs
+    batch_size: int = 8  # per process, per micro-step
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-3
+    memory_lr: Optional[float] = None  # params whose name contains "memory"
+    lora_lr: Optional[float] = None  # params whose name contains "lora_"
+    base_model_lr: Optional[float] = None  # everything else (default: learning_rate)
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9  # sgd
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # <= 0 disables clipping
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 20
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    save_precision: str = "float32"  # dtype of the exported model weights
+    gradient_checkpointing: bool = False
+    distributed_strategy: str = "ddp"  # ddp | fsdp (multi-process via torchrun / accelerate launch)
+    num_gpus: int = 0  # informational; the launcher decides the number of processes
+    fsdp_sharding_strategy: str = "FULL_SHARD"
+    save_steps: int = 0  # 0: no intermediate checkpoints (the recorder may still ask for them)
+    eval_steps: int = 0  # 0: no periodic eval
+    save_total_limit: Optional[int] = None  # keep at most N checkpoints (the recorder's window is protected)
+    save_best_model: bool = False
+    metric_for_best_model: str = "eval_loss"
+    early_stopping: bool = False
+    early_stopping_patience: int = 3
+    early_stopping_threshold: float = 0.0
+    logging_steps: int = 10
+    log_to_wandb: bool = False
+    output_dir: str = "outputs/run"
+    resume_from_checkpoint: Optional[str] = None  # a checkpoint dir, or "latest"
+    exclude_ids: list[int] = field(default_factory=list)  # samples removed from every batch (exact retrain)
+    forget_request_file: Optional[str] = None  # online deletion requests, checked between steps
+    router_aux_loss: bool = True  # add router losses when the model returns router logits
+    load_balance_coef: float = 0.01
+    auxiliary_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainingLoggerConfig:
+    """The training-trajectory recorder (DESIGN §2)."""
+
+    enabled: bool = True
+    log_dir: Optional[str] = None  # default: <output_dir>/training_log
+    storage: str = "light"  # light | heavy | diag
+    mode: str = "batch"  # batch | sample
+    max_steps: int = 1000  # the unlearning window, in steps
+    save_interval: int = 10  # flush every N steps
+    checkpoint_interval: int = 20  # light mode: parameter+optimizer checkpoint spacing C
+    save_batch_data: bool = False  # heavy: store batch tensors
+    save_indices_only: bool = True
+    save_rng_state: bool = True
+    compute_diag_h: bool = False
+    batch_size_at_training: Optional[int] = None
+    tensor_dtype: str = "float32"  # heavy mode update vectors
+    diag_estimator: str = "hutchinson"  # diag: hutchinson (z*Hz, Rademacher z) | empirical_fisher (g*g of the step)
+    diag_probes: int = 1  # diag/hutchinson: probe vectors per step
+
+
+@dataclass
+class MethodArgs:
+    """Arguments of an unlearning method (``trainer.method_args``)."""
+
+    training_log_dir: Optional[str] = None
+    K: int = 800
+    hessian_mode: str = "GGN"  # GGN | exact | diag
+    damping: float = 1e-4
+    apply_immediately: bool = True
+    audit_dir: Optional[str] = None
+    batch_size_at_training: Optional[int] = None
+    lr: float = 1e-4  # GradAscent baseline
+    steps: int = 5  # GradAscent baseline
+
+
+@dataclass
+class UnlearnTrainerConfig:
+    """Which unlearning method (``trainer=LMCleanerBatch`` selects a preset)."""
+
+    handler: str = "LMCleanerBatchLevel"
+    method_args: MethodArgs = field(default_factory=MethodArgs)
+
+
+@dataclass
+class UnlearnConfig:
+    """What to forget and where to write the result."""
+
+    forget: Any = None  # list of ids, "17,203", a file of ids, or a dataset file matched to training rows
+    model_dir: Optional[str] = None  # trained run dir (default: training.output_dir)
+    output_dir: Optional[str] = None  # default: <run>/unlearned-<method>
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    training_logger: TrainingLoggerConfig = field(default_factory=TrainingLoggerConfig)
+    trainer: UnlearnTrainerConfig = field(default_factory=UnlearnTrainerConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    telemetry_config: Optional[str] = None  # YAML for lmcleaner.telemetry (default config when None)
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form user keys (demo, eval, sweeps)

@@ -1,0 +1,65 @@
+"""Model construction: the embedded tiny Llama, or any HF causal LM, plus LoRA."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+EMBEDDED_MODEL = "tiny-llama"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype '{name}': choose one of {list(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def tiny_llama_config(mcfg, vocab_size: int, tokenizer=None) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=mcfg.hidden_size,
+        intermediate_size=mcfg.intermediate_size,
+        num_hidden_layers=mcfg.num_hidden_layers,
+        num_attention_heads=mcfg.num_attention_heads,
+        num_key_value_heads=mcfg.num_key_value_heads,
+        max_position_embeddings=mcfg.max_position_embeddings,
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        pad_token_id=getattr(tokenizer, "pad_token_id", None),
+        tie_word_embeddings=False,
+    )
+
+
+def build_model(mcfg, tokenizer, seed: int = 0, lora_cfg=None):
+    """Build (seeded, so resume and replay rebuild identical frozen weights)."""
+    dtype = torch_dtype(mcfg.dtype)
+    if mcfg.name_or_path == EMBEDDED_MODEL:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            config = tiny_llama_config(mcfg, len(tokenizer), tokenizer)
+            config._attn_implementation = mcfg.attn_implementation
+            model = LlamaForCausalLM(config).to(dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            mcfg.name_or_path, dtype=dtype, attn_implementation=mcfg.attn_implementation,
+            trust_remote_code=mcfg.trust_remote_code,
+        )
+    if lora_cfg is not None and lora_cfg.enabled:
+        model = apply_lora(model, lora_cfg, seed)
+    return model
+
+
+def apply_lora(model, lora_cfg, seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        return get_peft_model(model, LoraConfig(
+            r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+            target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM",
+        ))
+
+
+def trainable_named_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
