@@ -1,0 +1,161 @@
+"""``lmcleaner eval``: evaluate original / unlearned / oracle models in one go.
+
+``register(subparsers)`` adds the subcommand to the main CLI; ``run(args)``
+executes it and returns the exit code (0 ok, 2 bad input: model path, data,
+arguments). ``python -m lmcleaner.evaluate.cli`` runs it standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from .data import EvalData, EvalDataError
+from .report import format_table
+from .runner import ModelLoadError, evaluate_models
+
+EXAMPLES = """\
+examples:
+  lmcleaner eval --model original=runs/a/final --model unlearned=runs/a/unlearned \\
+      --model retrain=runs/a/retrain --oracle retrain --original original \\
+      --data embedded --forget-authors 0,1 --out runs/a/eval
+  lmcleaner eval --model m=out/model --data tofu:data/tofu --tofu-forget forget05
+  lmcleaner eval --model m=out/model --data forget=f.jsonl,retain=r.jsonl,holdout=h.jsonl
+
+Writes OUT/eval.json (per sample) and OUT/summary.json (per model; null + "reasons"
+for metrics that cannot be computed, e.g. without --oracle).
+"""
+
+TABLE_COLUMNS = ["model", "forget_prob", "forget_rougeL", "forget_truth_ratio", "forget_quality", "model_utility",
+                 "mia_auc", "privleak", "kl_forget", "kl_retain", "rel_param_error"]
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _model_spec(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got '{text}'")
+    return name, path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``eval`` options (shared by the main CLI and the standalone entry point)."""
+    p.add_argument("--model", dest="models", action="append", type=_model_spec, required=True, metavar="NAME=DIR",
+                   help="a model directory (AutoModelForCausalLM) under a name; repeat for several models")
+    p.add_argument("--oracle", metavar="NAME",
+                   help="the exact-retrain model (reference for forget quality, privleak, KL, parameter error)")
+    p.add_argument("--original", metavar="NAME",
+                   help="the model before unlearning (denominator of the relative parameter error)")
+    p.add_argument("--data", default="embedded", metavar="SPEC",
+                   help="'embedded' (default), 'tofu:DIR', or 'forget=F,retain=R,holdout=H"
+                        "[,real_authors=A,world_facts=W]' (json/jsonl/csv/parquet files)")
+    p.add_argument("--forget-authors", type=_csv_ints, default=None, metavar="I,J",
+                   help="embedded data: author indices to forget (default 0 when --forget-ids is not given)")
+    p.add_argument("--forget-ids", type=_csv_ints, default=None, metavar="I,J",
+                   help="embedded data: training sample ids to forget")
+    p.add_argument("--tofu-forget", default="forget01", metavar="NAME",
+                   help="TOFU forget split (forget01/forget05/forget10; default forget01)")
+    p.add_argument("--max-rows", type=int, default=None, metavar="N",
+                   help="cap every split to N rows (deterministic subsample) for a quick run")
+    p.add_argument("--out", default="lmcleaner_out/eval", metavar="DIR",
+                   help="output directory for eval.json and summary.json (default lmcleaner_out/eval)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer directory (default: the oracle's or first model's; embedded if it has none)")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                   help="greedy generation length for ROUGE-L (default 200; 0 disables generation)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="evaluation batch size (default 8)")
+    p.add_argument("--max-length", type=int, default=512, metavar="N",
+                   help="token limit of a rendered question+answer (default 512)")
+    p.add_argument("--min-k", type=float, default=0.4, metavar="F",
+                   help="fraction of tokens for the Min-K%% / Min-K%%++ attacks (default 0.4)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="dtype to load models in (metrics are computed in float32; default float32)")
+    p.add_argument("--device", default=None, help="device for loaded models (default cuda if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``eval`` subcommand to an ``argparse`` subparsers object."""
+    p = subparsers.add_parser(
+        "eval", help="evaluate original / unlearned / oracle models (forgetting, utility, MIA, fidelity)",
+        description="Evaluate models on forget / retain / holdout data: answer probability, ROUGE-L, truth ratio, "
+                    "forget quality, model utility, extraction strength, exact memorisation, membership-inference "
+                    "AUC and privleak, KL and parameter distance to the exact-retrain oracle.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def build_data(args: argparse.Namespace) -> EvalData:
+    """The :class:`EvalData` named by ``--data`` (and its companion options)."""
+    spec = args.data
+    if spec == "embedded":
+        authors = args.forget_authors
+        if authors is None and not args.forget_ids:
+            authors = [0]
+        return EvalData.embedded(forget_author_indices=authors, forget_ids=args.forget_ids).capped(args.max_rows)
+    if spec.startswith("tofu:"):
+        return EvalData.tofu(spec[len("tofu:"):], forget=args.tofu_forget, max_rows=args.max_rows)
+    parts = {}
+    for item in spec.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("forget", "retain", "holdout", "real_authors", "world_facts"):
+            raise EvalDataError(f"bad --data '{spec}': use embedded, tofu:DIR or forget=F,retain=R,holdout=H")
+        parts[key] = value
+    if "forget" not in parts:
+        raise EvalDataError(f"bad --data '{spec}': forget=FILE is required")
+    return EvalData.from_paths(**parts, max_rows=args.max_rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``lmcleaner eval``; returns the exit code."""
+    names = [n for n, _ in args.models]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    try:
+        if dup:
+            raise ValueError(f"model name(s) given twice: {dup}")
+        for role in ("oracle", "original"):
+            if getattr(args, role) is not None and getattr(args, role) not in names:
+                raise ValueError(f"--{role} '{getattr(args, role)}' is not a --model name (have {names})")
+        data = build_data(args)
+        tokenizer = None
+        if args.tokenizer:
+            from .runner import load_eval_tokenizer
+
+            tokenizer = load_eval_tokenizer(args.tokenizer)
+        _, summary = evaluate_models(
+            dict(args.models), data, oracle=args.oracle, original=args.original, tokenizer=tokenizer,
+            out_dir=args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+            max_length=args.max_length, min_k=args.min_k, dtype=args.dtype, device=args.device,
+            progress=not args.no_progress,
+        )
+    except (ModelLoadError, EvalDataError, ValueError, OSError) as err:
+        print(f"lmcleaner eval: error: {err}", file=sys.stderr)
+        return 2
+    rows = [{"model": name, **res} for name, res in summary["models"].items()]
+    print(format_table(rows, TABLE_COLUMNS))
+    print(f"wrote {args.out}/eval.json and {args.out}/summary.json")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point (``python -m lmcleaner.evaluate.cli``)."""
+    parser = argparse.ArgumentParser(prog="lmcleaner eval", epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    logging.basicConfig(level=logging.WARNING)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
