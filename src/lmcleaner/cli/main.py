@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -121,24 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..config import ConfigError
-    from ..data import DataError
-    from ..train import CheckpointError, TrainingError
+    from ..train import TrainingError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    expected = (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError)
-    try:
-        extra = tuple(getattr(importlib.import_module("lmcleaner.unlearn"), "USER_ERRORS", ()))
-    except ImportError:
-        extra = ()
+    # Every one-line user-facing error in lmcleaner is a ValueError subclass
+    # (config, data, checkpoint, log, forget set, unlearning request).
+    # LMCLEANER_DEBUG=1 shows the traceback instead.
+    expected = (ValueError, FileNotFoundError, FileExistsError, TrainingError)
+    if os.environ.get("LMCLEANER_DEBUG"):
+        expected = ()
     try:
         return int(args.func(args) or 0)
-    except expected + extra as err:
-        print(f"lmcleaner {args.command}: error: {err}", file=sys.stderr)
+    except expected as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"lmcleaner {args.command}: error: {first}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lmcleaner {args.command}: interrupted", file=sys.stderr)

@@ -131,7 +131,7 @@ class MethodArgs:
 
     training_log_dir: Optional[str] = None
     K: int = 800
-    hessian_mode: str = "GGN"  # GGN | exact | diag
+    hessian_mode: str = "exact"  # exact | GGN | diag (exact: double-backward HVP, measured cheaper and more accurate than GGN here)
     damping: float = 1e-4
     apply_immediately: bool = True
     audit_dir: Optional[str] = None
@@ -158,6 +158,25 @@ class UnlearnConfig:
 
 
 @dataclass
+class DemoConfig:
+    """``lmcleaner demo``: the whole story on the embedded default, scalable."""
+
+    steps: int = 200  # training steps of the recorded run
+    model: str = "tiny-llama"  # model preset (conf/model/*.yaml) or a YAML path
+    data: str = "embedded"  # "embedded" or a QA json/jsonl path (question/answer rows)
+    forget_authors: list[int] = field(default_factory=lambda: [0, 1])  # embedded data: authors to forget
+    forget_ids: list[int] = field(default_factory=list)  # explicit sample ids (overrides forget_authors)
+    optimizer: str = "adamw"
+    learning_rate: float = 3e-3
+    Ks: list[int] = field(default_factory=lambda: [10, 50])  # truncation windows besides the full window
+    hessian_modes: list[str] = field(default_factory=lambda: ["GGN", "exact"])
+    out_dir: str = "demo_out"
+    eval_max_new_tokens: int = 24
+    eval_max_retain: int = 48
+    eval_max_holdout: int = 32
+
+
+@dataclass
 class RootConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -165,5 +184,6 @@ class RootConfig:
     training_logger: TrainingLoggerConfig = field(default_factory=TrainingLoggerConfig)
     trainer: UnlearnTrainerConfig = field(default_factory=UnlearnTrainerConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
     telemetry_config: Optional[str] = None  # YAML for lmcleaner.telemetry (default config when None)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form user keys (demo, eval, sweeps)

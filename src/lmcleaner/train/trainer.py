@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from .. import telemetry
 from ..config.loader import to_dict
 from ..data import BatchPlan, Collator, build_dataset, load_tokenizer
 from ..data.dataset import DataError
@@ -36,6 +37,14 @@ from .state import TrainState
 log = logging.getLogger("lmcleaner.training")
 
 OnlineUnlearner = Callable[["Trainer", list[int], int], dict]
+
+
+def _recorder_stats(recorder) -> dict[str, float]:
+    stats = getattr(recorder, "stats", None)
+    if stats is None:
+        return {}
+    d = stats.to_json() if hasattr(stats, "to_json") else dict(stats)
+    return {k: v for k, v in d.items() if isinstance(v, (int, float))}
 
 
 class TrainingError(RuntimeError):
@@ -267,6 +276,7 @@ class Trainer:
                                 "or choose another training.output_dir")
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+        owns_telemetry = self._start_telemetry()
         self.recorder.on_train_begin(self.engine, self.run_meta(), self.state.step)
         if self.state.step == 0 and self.recorder.wants_checkpoint(0):
             self.save_checkpoint("recorder")
@@ -315,10 +325,24 @@ class Trainer:
             ckpt.write_json_atomic(self.output_dir / "trainer_state.json",
                                    {**self.state.to_json(), "config": to_dict(self.config),
                                     "dataset_fingerprint": self.dataset.fingerprint})
+            telemetry.log_memory_usage(self.state.step)
+            stats = _recorder_stats(self.recorder)
+            if stats:
+                telemetry.emit_metrics(telemetry.get_system_logger(), {f"recorder_{k}": v for k, v in stats.items()},
+                                       step=self.state.step, message="trajectory recorder")
+            if owns_telemetry:
+                telemetry.shutdown()
         acc.wait_for_everyone()
         if wandb_run is not None:
             wandb_run.finish()
         return self.state
+
+    def _start_telemetry(self) -> bool:
+        """Default telemetry under <output_dir>/telemetry unless the user initialised their own."""
+        if not self.accelerator.is_main_process or telemetry.is_initialized():
+            return False
+        telemetry.initialize(self.config.telemetry_config, output_dir=str(self.output_dir / "telemetry"))
+        return True
 
     def _init_wandb(self):
         if not (self.t.log_to_wandb and self.accelerator.is_main_process):
@@ -332,8 +356,6 @@ class Trainer:
     def _log(self, metrics: dict[str, Any], wandb_run) -> None:
         if not self.accelerator.is_main_process:
             return
-        from ..telemetry import log_training_progress
-
-        log_training_progress(int(metrics["step"]), {k: v for k, v in metrics.items() if k != "step"})
+        telemetry.log_training_progress(int(metrics["step"]), {k: v for k, v in metrics.items() if k != "step"})
         if wandb_run is not None:
             wandb_run.log(metrics, step=int(metrics["step"]))

@@ -1,0 +1,58 @@
+"""``lmcleaner unlearn``: remove samples from a trained run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+OVERRIDES = """\
+examples:
+  lmcleaner unlearn trainer=LMCleanerSample unlearn.model_dir=outputs/run unlearn.forget=17,203
+  lmcleaner unlearn trainer=LMCleanerBatch trainer.method_args.K=50 trainer.method_args.hessian_mode=exact \\
+      unlearn.model_dir=outputs/run unlearn.forget=forget_ids.txt
+  lmcleaner unlearn trainer=replay unlearn.model_dir=outputs/run unlearn.forget=data/forget.jsonl
+
+keys:
+  unlearn.forget          ids (17,203), a file of ids, or a dataset file matched to training rows
+  unlearn.model_dir       the trained run (default: training.output_dir)
+  unlearn.output_dir      where the unlearned model goes (default: <run>/unlearned-<method>)
+  trainer=PRESET          LMCleanerBatch | LMCleanerSample | replay | rollback | sgd_formula | GradAscent
+  trainer.method_args.{training_log_dir, K, hessian_mode=GGN|exact|diag, damping, apply_immediately, audit_dir}
+The run's own training config is read from its trajectory log; only the keys above matter here."""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("unlearn", help="remove training samples from a trained run (LMCleaner, replay, baselines)",
+                       description="Compute the unlearned model for a deletion request from the recorded trajectory "
+                                   "and write it (from_pretrained directory) with an audit record. The source run "
+                                   "is not modified.",
+                       epilog=OVERRIDES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file merged over the defaults")
+    p.add_argument("--print-config", action="store_true")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..config import load_config
+    from .session import UnlearnSession, canonical_method
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg))
+        return 0
+    ma = cfg.trainer.method_args
+    method = canonical_method(cfg.trainer.handler)
+    run_dir = cfg.unlearn.model_dir or (None if ma.training_log_dir else cfg.training.output_dir)
+    session = UnlearnSession(run_dir, ma.training_log_dir)
+    ids = session.resolve(cfg.unlearn.forget)
+    result = session.run(method, ids, K=ma.K, hessian_mode=ma.hessian_mode, damping=ma.damping, lr=ma.lr,
+                         steps=ma.steps)
+    out = Path(cfg.unlearn.output_dir) if cfg.unlearn.output_dir else session.run_dir / f"unlearned-{method}"
+    session.save(result, out, ma.audit_dir, apply=ma.apply_immediately)
+    keys = ("method", "K", "hessian_mode", "steps_touched", "correction_norm", "seconds", "grad_equivalents_total")
+    print(json.dumps({"output_dir": str(out), "forget_ids": ids, **{k: result.info.get(k) for k in keys}}))
+    return 0

@@ -1,0 +1,56 @@
+"""Deletion requests that arrive while training runs.
+
+``Trainer(config, online_unlearner=OnlineUnlearner(method="LMCleanerSampleLevel", K=50))``;
+requests come from ``trainer.request_forget(ids)`` or lines
+``{"request_id": "r1", "ids": [17, 203]}`` appended to
+``training.forget_request_file``. Before the next step the trainer calls this
+object: it flushes the recorder, computes the correction at the current step
+``tau`` from the trajectory so far, loads the corrected parameters *and
+optimizer state* into the live engine, and the trainer then excludes the ids
+from every later batch. The recorder writes an anchor (exact state after the
+correction), so later replays and later requests stay exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..train import checkpoint as ckpt
+from .session import UnlearnError, UnlearnSession
+
+
+def load_state_into(engine, params: dict[str, torch.Tensor], opt_state: dict[str, dict[str, torch.Tensor]] | None):
+    """Copy parameters (and optimizer state, by parameter name) into a live engine."""
+    live = engine.trainable()
+    with torch.no_grad():
+        for name, value in params.items():
+            live[name].copy_(value.to(live[name].dtype))
+    if opt_state is not None:
+        _, meta = ckpt.optimizer_to_flat(engine.optimizer)
+        flat = {f"{n}::{k}": v for n, st in opt_state.items() for k, v in st.items() if torch.is_tensor(v)}
+        ckpt.optimizer_from_flat(engine.optimizer, flat, meta)
+
+
+class OnlineUnlearner:
+    def __init__(self, method: str = "LMCleanerSampleLevel", **method_args: Any):
+        self.method = method
+        self.method_args = method_args
+
+    def __call__(self, trainer, ids: list[int], step: int) -> dict[str, Any]:
+        recorder = trainer.recorder
+        if getattr(recorder, "log_dir", None) is None:
+            raise UnlearnError("online unlearning needs the trajectory recorder (training_logger.enabled=true)")
+        if step == 0:
+            return {"method": self.method, "note": "request before the first step: nothing learned yet"}
+        recorder.flush(wait=True)
+        session = UnlearnSession(log_dir=recorder.log_dir)
+        used = [i for i in ids if session.log.steps_containing([i])]
+        if not used:
+            return {"method": self.method, "note": "samples not used yet: excluded from now on"}
+        result = session.run(self.method, used, **self.method_args)
+        load_state_into(trainer.engine, result.params, result.opt_state)
+        info = {k: v for k, v in result.info.items() if k in ("method", "K", "hessian_mode", "steps_touched",
+                                                               "correction_norm", "seconds", "grad_equivalents_total")}
+        return info
