@@ -76,26 +76,9 @@ def _forget_ids(cfg, rows: list[dict]) -> list[int]:
     return list(range(min(8, len(rows))))
 
 
-def _method_grid(d, tau: int) -> list[tuple[str, dict[str, Any]]]:
-    grid: list[tuple[str, dict[str, Any]]] = [("replay", {})]
-    for mode in d.hessian_modes:
-        for K in sorted({int(k) for k in d.Ks if 0 < int(k) < tau} | {tau}):
-            grid.append(("LMCleanerSampleLevel", {"hessian_mode": mode, "K": K}))
-    grid.append(("LMCleanerBatchLevel", {"hessian_mode": d.hessian_modes[0], "K": tau}))
-    grid.append(("rollback", {}))
-    grid.append(("sgd_formula", {"hessian_mode": d.hessian_modes[0], "K": tau}))
-    grid.append(("GradAscent", {"lr": 1e-3, "steps": 5}))
-    return grid
-
-
-def _rel_error(params, theta, oracle) -> float:
-    num = sum(float(((params[n].double() - oracle[n].double()) ** 2).sum()) for n in oracle) ** 0.5
-    den = sum(float(((theta[n].double() - oracle[n].double()) ** 2).sum()) for n in oracle) ** 0.5
-    return num / den if den > 0 else float("nan")
-
-
 def run_demo(cfg) -> dict[str, Any]:
     from ..evaluate import EvalData, evaluate_models, format_table, write_report
+    from ..evaluate.compare import compare_methods, default_grid
     from ..train import Trainer
     from ..train.export import export_model
     from ..unlearn.cli_retrain import retrain_config
@@ -125,23 +108,18 @@ def run_demo(cfg) -> dict[str, Any]:
     oracle = {n: p.detach().clone() for n, p in oracle_trainer.engine.trainable().items()}
 
     session = UnlearnSession(run_dir)
-    theta = session.replayer.state_at(session.tau)[0]
-    rows, model_dirs = [], {"original": run_dir / "final_model", "oracle": out / "retrain" / "final_model"}
-    replay_cost = None
-    for method, kw in _method_grid(d, session.tau):
-        res = session.run(method, ids, **kw)
-        info = res.info
-        name = method + "".join(f"-{k}{v}" for k, v in kw.items() if k in ("hessian_mode", "K"))
+    dataset = trainer.dataset
+    retain_ids = [i for i in range(len(dataset)) if i not in set(ids)][: d.eval_max_retain]
+    model_dirs = {"original": run_dir / "final_model", "oracle": out / "retrain" / "final_model"}
+
+    def export(name, res):
         model_dirs[name] = export_model(session.model_with(res.params), trainer.tokenizer, models_dir / name)
-        cost = float(info.get("grad_equivalents_total") or 0.0)
-        if method == "replay":
-            replay_cost = cost
-        rows.append({"name": name, "method": method, "hessian_mode": kw.get("hessian_mode"), "K": kw.get("K"),
-                     "rel_param_error": _rel_error(res.params, theta, oracle), "seconds": info.get("seconds"),
-                     "grad_equivalents": cost, "replay_seconds": None})
-    for r in rows:
-        r["cost_vs_replay"] = r["grad_equivalents"] / replay_cost if replay_cost else None
-        r["replay_seconds"] = rows[0]["seconds"]
+
+    t0 = time.perf_counter()
+    grid = default_grid(session.tau, d.Ks, d.hessian_modes)
+    rows = compare_methods(session, ids, grid, oracle, [dataset[i] for i in ids], [dataset[i] for i in retain_ids],
+                           on_result=export, progress=cfg.training.progress_bar)
+    timings["unlearn_all_methods"] = time.perf_counter() - t0
 
     data = (EvalData.embedded(forget_ids=ids, max_retain=d.eval_max_retain, max_holdout=d.eval_max_holdout)
             if d.data == "embedded" else None)
@@ -154,7 +132,7 @@ def run_demo(cfg) -> dict[str, Any]:
         models = summary.get("models", summary)
         for r in rows:
             m = models.get(r["name"], {})
-            for key in ("kl_forget", "kl_retain", "forget_quality", "model_utility", "mia_auc"):
+            for key in ("forget_quality", "model_utility", "mia_auc"):
                 r[key] = m.get(key)
         for base in ("original", "oracle"):
             m = models.get(base, {})

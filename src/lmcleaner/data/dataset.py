@@ -29,9 +29,14 @@ class DataError(ValueError):
 
 def load_records(source: str, split: str = "train", subset: str | None = None,
                  num_samples: int | None = None) -> list[dict[str, Any]]:
-    """Rows as dicts from the embedded set, a local file/dir, or a hub dataset."""
-    if source == EMBEDDED:
-        splits = generate_authors_qa()
+    """Rows as dicts from the embedded set (``embedded`` or ``embedded:N`` authors),
+    a local file/dir, or a hub dataset."""
+    if source == EMBEDDED or source.startswith(EMBEDDED + ":"):
+        # "embedded:N" generates N training authors (8 rows each) for larger runs.
+        n = source.partition(":")[2]
+        if n and not n.isdigit():
+            raise DataError(f"bad dataset name '{source}': use embedded or embedded:<number of authors>")
+        splits = generate_authors_qa(num_authors=int(n)) if n else generate_authors_qa()
         key = {"train": "full", "full": "full", "holdout": "holdout", "validation": "holdout"}.get(split)
         if key is None:
             raise DataError(f"embedded data has splits train/holdout, not '{split}'")

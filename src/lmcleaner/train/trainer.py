@@ -144,6 +144,8 @@ class Trainer:
             "gradient_accumulation_steps": self.t.gradient_accumulation_steps,
             "seed": self.t.seed,
             "total_steps": self.state.total_steps,
+            # CPU kernels reduce in a thread-count-dependent order: replay needs the same count to be bit-exact.
+            "torch_num_threads": torch.get_num_threads(),
             "output_dir": str(self.output_dir),
         }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,18 @@ from .methods import LMCleanerBatchLevel, LMCleanerSampleLevel, Rollback, SGDFor
 METHODS = ("LMCleanerBatchLevel", "LMCleanerSampleLevel", "replay", "rollback", "sgd_formula", "GradAscent")
 _ALIASES = {"LMCleanerBatch": "LMCleanerBatchLevel", "LMCleanerSample": "LMCleanerSampleLevel",
             "Replay": "replay", "Rollback": "rollback", "SGDFormula": "sgd_formula", "grad_ascent": "GradAscent"}
+
+
+@contextmanager
+def recorded_threads(n: int | None):
+    """Run with the intra-op thread count training used (CPU bit-exact replay)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class UnlearnError(ValueError):
@@ -113,8 +126,13 @@ class UnlearnSession:
         return any(sample_id in mb for s in range(lo) for mb in plan.micro_batches(s))
 
     # ---------------------------------------------------------------- run
-    def run(self, method: str, ids: list[int], K: int = 800, hessian_mode: str = "exact", damping: float = 1e-4,
-            lr: float = 1e-4, steps: int = 5, **extra: Any) -> UnlearnResult:
+    def run(self, method: str, ids: list[int], **kwargs: Any) -> UnlearnResult:
+        """Compute the unlearned state for ``ids`` with ``method`` (nothing is written)."""
+        with recorded_threads(self.log.meta.get("torch_num_threads")):
+            return self._run_method(method, ids, **kwargs)
+
+    def _run_method(self, method: str, ids: list[int], K: int = 800, hessian_mode: str = "exact",
+                    damping: float = 1e-4, lr: float = 1e-4, steps: int = 5, **extra: Any) -> UnlearnResult:
         method = canonical_method(method)
         if K < 1:
             raise UnlearnError(f"K={K}: the propagation window must be >= 1 step")

@@ -1,0 +1,108 @@
+"""Deletion requests arriving while training runs."""
+
+import json
+
+import pytest
+import torch
+
+from lmcleaner.config import load_config
+from lmcleaner.train import Trainer
+from lmcleaner.unlearn.cli_retrain import retrain_config
+from lmcleaner.unlearn.online import OnlineUnlearner
+from lmcleaner.unlearn.session import UnlearnSession
+
+RUN = ["model=micro-llama", "training.num_samples=40", "training.batch_size=4", "training.max_steps=20",
+       "training.progress_bar=false", "training.logging_steps=0", "training.optimizer=sgd",
+       "training.learning_rate=0.01", "training.max_grad_norm=0", "training.warmup_steps=0",
+       "training_logger.checkpoint_interval=5"]
+FORGET = [5, 11]
+AT = 12  # the request arrives before step 12
+
+
+class RequestAt:
+    """Queue the request when the trainer reaches a step (the Python API path)."""
+
+    def __init__(self, trainer, step, ids):
+        self.trainer, self.step, self.ids = trainer, step, ids
+
+    def wrap(self, unlearner):
+        real = self.trainer._apply_requests
+
+        def hook():
+            if self.trainer.state.step == self.step and not self.trainer.state.processed_requests:
+                self.trainer.request_forget(self.ids, request_id="r1")
+            real()
+
+        self.trainer._apply_requests = hook
+        self.trainer.online_unlearner = unlearner
+
+
+def params(trainer):
+    return {n: p.detach().clone() for n, p in trainer.engine.trainable().items()}
+
+
+@pytest.fixture(scope="module")
+def retrained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("online")
+    base = Trainer(load_config(overrides=[*RUN, f"training.output_dir={root / 'base'}"]))
+    base.train()
+    oracle = Trainer(retrain_config(root / "base", FORGET, root / "retrain"))
+    oracle.train()
+    return params(oracle), params(base)
+
+
+def test_online_replay_equals_retrain_bit_for_bit(tmp_path, retrained):
+    oracle, _ = retrained
+    trainer = Trainer(load_config(overrides=[*RUN, f"training.output_dir={tmp_path / 'run'}"]))
+    RequestAt(trainer, AT, FORGET).wrap(OnlineUnlearner("replay"))
+    state = trainer.train()
+    assert state.unlearn_events and state.unlearn_events[0]["step"] == AT
+    assert set(FORGET) <= set(state.excluded)
+    final = params(trainer)
+    assert all(torch.equal(final[n], oracle[n]) for n in oracle)
+    # the event is in the trajectory, and a later request on this log stays exact
+    session = UnlearnSession(tmp_path / "run")
+    assert AT in session.log.event_steps
+    later = session.run("replay", [7])
+    assert later.params.keys() == final.keys()
+
+
+def test_online_lmcleaner_close_to_counterfactual(tmp_path, retrained):
+    oracle, original = retrained
+    trainer = Trainer(load_config(overrides=[*RUN, f"training.output_dir={tmp_path / 'run'}"]))
+    RequestAt(trainer, AT, FORGET).wrap(OnlineUnlearner("LMCleanerSampleLevel", K=800, hessian_mode="exact"))
+    trainer.train()
+    final = params(trainer)
+    num = sum(float(((final[n] - oracle[n]).double() ** 2).sum()) for n in oracle) ** 0.5
+    den = sum(float(((original[n] - oracle[n]).double() ** 2).sum()) for n in oracle) ** 0.5
+    assert num / den < 0.5, num / den
+
+
+def test_request_file_is_polled(tmp_path, retrained):
+    oracle, _ = retrained
+    req = tmp_path / "requests.jsonl"
+    req.write_text("")
+    trainer = Trainer(load_config(overrides=[*RUN, f"training.output_dir={tmp_path / 'run'}",
+                                             f"training.forget_request_file={req}"]))
+    real = trainer._apply_requests
+
+    def hook():
+        if trainer.state.step == AT:
+            req.write_text(json.dumps({"request_id": "file-1", "ids": FORGET}) + "\n")
+        real()
+
+    trainer._apply_requests = hook
+    trainer.online_unlearner = OnlineUnlearner("replay")
+    state = trainer.train()
+    assert state.processed_requests == ["file-1"]
+    final = params(trainer)
+    assert all(torch.equal(final[n], oracle[n]) for n in oracle)
+
+
+def test_request_without_unlearner_is_an_error(tmp_path):
+    from lmcleaner.train import TrainingError
+
+    trainer = Trainer(load_config(overrides=[*RUN, f"training.output_dir={tmp_path / 'run'}"]))
+    trainer.request_forget([1])
+    with pytest.raises(TrainingError, match="online unlearner"):
+        trainer.train()
