@@ -84,7 +84,12 @@ def run_demo(cfg) -> dict[str, Any]:
     from ..unlearn.cli_retrain import retrain_config
     from ..unlearn.session import UnlearnSession
 
+    import torch
+
     d = cfg.demo
+    # Tiny models: one intra-op thread is fastest, and on a busy 2-core machine
+    # two threads spin against each other (measured >10x slower sweeps).
+    torch.set_num_threads(max(1, int(d.threads)))
     out = Path(d.out_dir)
     if out.exists():
         if not (out / MARKER).is_file():

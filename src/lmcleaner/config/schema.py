@@ -114,7 +114,7 @@ class TrainingLoggerConfig:
     mode: str = "batch"  # batch | sample
     max_steps: int = 1000  # the unlearning window, in steps
     save_interval: int = 10  # flush every N steps
-    checkpoint_interval: int = 20  # light mode: parameter+optimizer checkpoint spacing C
+    checkpoint_interval: int = 50  # light mode: parameter+optimizer checkpoint spacing C (replay cost ~C/2 steps; 50 keeps recorder throughput >= 0.96)
     save_batch_data: bool = False  # heavy: store batch tensors
     save_indices_only: bool = True
     save_rng_state: bool = True
@@ -174,6 +174,7 @@ class DemoConfig:
     eval_max_new_tokens: int = 24
     eval_max_retain: int = 48
     eval_max_holdout: int = 32
+    threads: int = 1  # torch intra-op threads for the demo (1 is fastest for the tiny default model)
 
 
 @dataclass

@@ -33,7 +33,8 @@ def find_lr(config, start_lr: float = 1e-6, end_lr: float = 1.0, num_steps: int 
     saved_params = {n: p.detach().clone() for n, p in params.items()}
     saved_opt = copy.deepcopy(eng.optimizer.state_dict())
     saved_sched = eng.scheduler.state_dict()
-    base = [g["lr"] for g in eng.optimizer.param_groups]
+    # initial_lr: the configured LR (the scheduler may have set lr=0 for warmup)
+    base = [g.get("initial_lr", g["lr"]) for g in eng.optimizer.param_groups]
     ratios = [b / max(base) for b in base]
     gamma = (end_lr / start_lr) ** (1.0 / max(num_steps - 1, 1))
     lrs, losses, smoothed = [], [], []

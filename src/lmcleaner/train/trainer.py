@@ -125,9 +125,12 @@ class Trainer:
 
     def _build_recorder(self):
         lcfg = self.config.training_logger
-        if not lcfg.enabled or not self.accelerator.is_main_process:
+        if not lcfg.enabled:
             return NullRecorder()
-        from ..trajectory import TrainingLogger
+        from ..trajectory import FollowerRecorder, TrainingLogger
+
+        if not self.accelerator.is_main_process:
+            return FollowerRecorder(lcfg)  # same checkpoint decisions (all ranks reach the barrier), writes nothing
 
         log_dir = Path(lcfg.log_dir) if lcfg.log_dir else self.output_dir / "training_log"
         return TrainingLogger(lcfg, log_dir)

@@ -21,7 +21,7 @@ from .types import OptimizerSpec, ParamGroupSpec, ReplayedStep, StepRecord
 _EXPORTS = {
     "TrajectoryLogError": "jsonl",
     "FORMAT_VERSION": "layout", "run_fingerprint": "layout",
-    "RecorderStats": "logger", "TrainingLogger": "logger",
+    "FollowerRecorder": "logger", "RecorderStats": "logger", "TrainingLogger": "logger",
     "SampleUse": "reader", "TailProblem": "reader", "TailReport": "reader", "TrajectoryLog": "reader",
     "BatchReconstructor": "reconstruct", "build_trainer": "reconstruct",
     "CounterfactualResult": "replay", "ReplayMismatchError": "replay", "TrajectoryReplayer": "replay",

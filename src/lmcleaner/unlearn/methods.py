@@ -96,7 +96,7 @@ def sample_injector(fl: FunctionalLM, requests: list[set[int]]) -> Injector:
     """Sample-level injections, one request per forget set (joint removal within a set)."""
 
     def inject(st: ReplayedStep, params: Params, step_grad) -> dict[int, Params]:
-        present = {int(i) for b in st.batches for i in b["sample_ids"].tolist()}
+        present = {int(i) for b in st.batches for i in b["sample_ids"].tolist()} - {-1}  # -1: padding row of an emptied micro-batch
         if present != set(st.record.sample_ids) - set(st.record.excluded):
             raise ValueError(f"step {st.step}: batch sample_ids differ from the record's micro_batches "
                              "minus excluded ids; the replay does not match the log")
