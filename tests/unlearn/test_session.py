@@ -145,3 +145,16 @@ def test_forget_set_forms(tmp_path):
         resolve_forget_ids(str(tmp_path / "g.jsonl"), rows)
     with pytest.raises(ForgetSetError):
         resolve_forget_ids(None)
+
+
+def test_divergence_guard_flags_a_broken_correction(run_dir):
+    s = UnlearnSession(run_dir)
+    theta = s.replayer.state_at(s.tau)[0]
+    ok = s.retain_guard(theta, theta, FORGET)
+    assert not ok["diverged"] and ok["retain_loss_before"] == ok["retain_loss_after"]
+    g = torch.Generator().manual_seed(0)
+    broken = {n: p + 0.5 * torch.randn(p.shape, generator=g) for n, p in theta.items()}
+    bad = s.retain_guard(theta, broken, FORGET)
+    assert bad["diverged"] and bad["retain_loss_after"] > bad["retain_loss_before"]
+    res = s.run("LMCleanerSampleLevel", FORGET, hessian_mode="exact")
+    assert "diverged" in res.info and "retain_loss_after" in res.info

@@ -56,7 +56,7 @@ def _training_config(cfg, run_dir: Path):
         raise ConfigError(f"demo.model '{d.model}' is neither a model preset nor a YAML file")
     cfg.model = OmegaConf.merge(cfg.model, OmegaConf.load(preset))
     t = cfg.training
-    t.max_steps, t.optimizer, t.learning_rate = d.steps, d.optimizer, d.learning_rate
+    t.max_steps, t.optimizer, t.learning_rate, t.max_grad_norm = d.steps, d.optimizer, d.learning_rate, d.max_grad_norm
     t.dataset_name, t.output_dir, t.resume_from_checkpoint = d.data, str(run_dir), None
     t.exclude_ids, t.logging_steps = [], max(t.logging_steps, 0)
     lg = cfg.training_logger
@@ -104,7 +104,12 @@ def run_demo(cfg) -> dict[str, Any]:
     trainer = Trainer(_training_config(cfg, run_dir))
     state = trainer.train()
     timings["train"] = time.perf_counter() - t0
-    ids = _forget_ids(cfg, trainer.dataset.records)
+    session = UnlearnSession(run_dir)
+    wanted = _forget_ids(cfg, trainer.dataset.records)
+    ids = [i for i in wanted if session.log.steps_containing([i])]
+    if not ids:
+        raise ValueError(f"none of the samples to forget {wanted[:8]} was used in the {session.tau} recorded "
+                         "steps: raise demo.steps")
 
     t0 = time.perf_counter()
     oracle_trainer = Trainer(retrain_config(run_dir, ids, out / "retrain"), tokenizer=trainer.tokenizer)
@@ -112,7 +117,6 @@ def run_demo(cfg) -> dict[str, Any]:
     timings["retrain"] = time.perf_counter() - t0
     oracle = {n: p.detach().clone() for n, p in oracle_trainer.engine.trainable().items()}
 
-    session = UnlearnSession(run_dir)
     dataset = trainer.dataset
     retain_ids = [i for i in range(len(dataset)) if i not in set(ids)][: d.eval_max_retain]
     model_dirs = {"original": run_dir / "final_model", "oracle": out / "retrain" / "final_model"}
@@ -144,8 +148,11 @@ def run_demo(cfg) -> dict[str, Any]:
             rows.append({"name": base, "method": base, "rel_param_error": 1.0 if base == "original" else 0.0,
                          **{k: m.get(k) for k in ("kl_forget", "kl_retain", "forget_quality", "model_utility",
                                                   "mia_auc")}})
+    skipped = sorted(set(wanted) - set(ids))
     notes = (f"Forgot {len(ids)} samples (ids {ids[:8]}{'...' if len(ids) > 8 else ''}) used in "
-             f"{len(session.steps_for(ids))} of {session.tau} steps. rel_param_error = ||theta_hat - theta_retrain|| / "
+             f"{len(session.steps_for(ids))} of {session.tau} steps"
+             + (f" ({len(skipped)} requested samples were never used and need no unlearning)" if skipped else "")
+             + ". rel_param_error = ||theta_hat - theta_retrain|| / "
              "||theta - theta_retrain|| against exact retraining (sample-level counterfactual); batch-level "
              "LMCleaner removes whole batches, a different counterfactual, so its error against this oracle is "
              "not a fidelity figure. cost_vs_replay counts gradient-equivalents (HVPs at their measured cost, "

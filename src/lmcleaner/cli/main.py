@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    # transformers' per-shard save/load bars drown our own progress bars in a run's log
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

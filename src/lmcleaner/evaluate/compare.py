@@ -79,6 +79,7 @@ def compare_methods(session, ids: list[int], grid: Grid, oracle: dict[str, torch
             "kl_retain": _mean_kl(model, oracle_model, retain_items, pad_id),
             "seconds": res.info.get("seconds"), "grad_equivalents": cost,
             "recovery_steps": res.info.get("recovery_steps"), "steps_touched": len(res.info.get("steps_touched", [])),
+            "diverged": res.info.get("diverged"),
         })
         if on_result is not None:
             on_result(name, res)

@@ -82,6 +82,8 @@ class Trainer:
         self._pending: list[dict] = []
         self.accelerator = accelerator or _accelerator(self.t.mixed_precision)
         set_seed(self.t.seed)
+        if self.t.torch_threads > 0:
+            torch.set_num_threads(self.t.torch_threads)
         # Everything that can fail on bad input happens before the output dir exists.
         self.tokenizer = tokenizer or load_tokenizer(config.model.tokenizer, config.model.name_or_path)
         show = self.t.progress_bar and self.accelerator.is_main_process
@@ -322,6 +324,10 @@ class Trainer:
                 if stop:
                     log.info("early stopping at step %d", self.state.step)
                     break
+        except BaseException:
+            if owns_telemetry:  # a failed run must not leave its logging configuration behind
+                telemetry.shutdown()
+            raise
         finally:
             bar.close()
             self.recorder.close()

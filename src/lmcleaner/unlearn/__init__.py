@@ -31,7 +31,24 @@ from lmcleaner.unlearn.methods import (
 )
 from lmcleaner.unlearn.propagation import PropagationResult, SweepStats, propagate
 
+
+def __getattr__(name: str):
+    # The session side imports the trainer and the trajectory package; keep it lazy.
+    if name in ("UnlearnSession", "UnlearnError", "UnlearnResult", "USER_ERRORS"):
+        from lmcleaner.unlearn import session
+
+        return getattr(session, name)
+    if name == "OnlineUnlearner":
+        from lmcleaner.unlearn.online import OnlineUnlearner
+
+        return OnlineUnlearner
+    raise AttributeError(name)
+
 __all__ = [
+    "OnlineUnlearner",
+    "UnlearnSession",
+    "UnlearnError",
+    "UnlearnResult",
     "Correction",
     "CorrectionAudit",
     "DiagHVP",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 OVERRIDES = """\
@@ -53,6 +54,11 @@ def run(args) -> int:
                          steps=ma.steps)
     out = Path(cfg.unlearn.output_dir) if cfg.unlearn.output_dir else session.run_dir / f"unlearned-{method}"
     session.save(result, out, ma.audit_dir, apply=ma.apply_immediately)
-    keys = ("method", "K", "hessian_mode", "steps_touched", "correction_norm", "seconds", "grad_equivalents_total")
+    if result.info.get("diverged"):
+        print(f"lmcleaner unlearn: warning: the correction raised the retain loss from "
+              f"{result.info['retain_loss_before']:.3f} to {result.info['retain_loss_after']:.3f}; "
+              "consider trainer=replay (exact)", file=sys.stderr)
+    keys = ("method", "K", "hessian_mode", "steps_touched", "correction_norm", "seconds", "grad_equivalents_total",
+            "diverged", "retain_loss_before", "retain_loss_after")
     print(json.dumps({"output_dir": str(out), "forget_ids": ids, **{k: result.info.get(k) for k in keys}}))
     return 0

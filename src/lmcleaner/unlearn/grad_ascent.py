@@ -32,7 +32,7 @@ def grad_ascent(model: torch.nn.Module, dataset, forget_ids: list[int], lr: floa
             opt.zero_grad(set_to_none=True)
             (-loss).backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     model.eval()
     return {"forget_loss_first": losses[0] if losses else float("nan"),
             "forget_loss_last": losses[-1] if losses else float("nan"), "updates": len(losses)}

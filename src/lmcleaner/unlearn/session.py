@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +45,11 @@ def recorded_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+log = logging.getLogger("lmcleaner.unlearn")
+GUARD_ROWS = 32
+GUARD_TOLERANCE = 0.25  # relative retain-loss increase flagged as a diverged correction
 
 
 class UnlearnError(ValueError):
@@ -166,12 +172,38 @@ class UnlearnSession:
         theta, opt_state = self.replayer.state_at(self.tau)
         params, new_state = apply_correction(theta, opt_state, corr)
         seconds = time.perf_counter() - t0
+        guard = self.retain_guard(theta, params, ids)
         audit = corr.audit.to_json()
         recovery = (start - restore) + (end - start)  # training steps replayed to recover past parameters
         info = {**audit, "method": method, "steps_touched": touched, "recovery_steps": recovery,
                 "grad_equivalents_total": audit["grad_equivalents"] + recovery, "seconds": seconds,
-                "sweep_range": [start, end], "restored_from": restore}
+                "sweep_range": [start, end], "restored_from": restore, **guard}
+        if guard["diverged"]:
+            log.warning("%s: the correction raised the retain loss from %.3f to %.3f; the linearised propagation "
+                        "is probably outside its regime (large steps or a large deletion): prefer method=replay",
+                        method, guard["retain_loss_before"], guard["retain_loss_after"])
         return UnlearnResult(method, ids, self.tau, params, new_state, info)
+
+    @torch.no_grad()
+    def retain_loss(self, params: dict[str, torch.Tensor], ids: list[int]) -> float:
+        """Token-mean loss over up to ``GUARD_ROWS`` training rows that are not forgotten."""
+        from ..data.collate import Collator
+        from ..train.loss import token_nll_sum
+
+        forget = set(ids)
+        rows = [i for i in range(len(self.trainer.dataset)) if i not in forget][:GUARD_ROWS]
+        model = self.model_with(params).eval()
+        batch = Collator(self.trainer.dataset.pad_token_id)([self.trainer.dataset[i] for i in rows])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        return float(token_nll_sum(out.logits, batch["labels"])) / max(n, 1)
+
+    def retain_guard(self, theta, params, ids) -> dict[str, Any]:
+        """A first-order correction can leave its regime and return a model worse than
+        doing nothing; the retain loss (which unlearning should barely move) tells."""
+        before, after = self.retain_loss(theta, ids), self.retain_loss(params, ids)
+        return {"retain_loss_before": before, "retain_loss_after": after,
+                "diverged": bool(after > before * (1 + GUARD_TOLERANCE) + 0.05)}
 
     def _replay(self, ids: list[int], touched: list[int], t0: float) -> UnlearnResult:
         res = self.replayer.counterfactual(ids, start=touched[0], end=self.tau)
