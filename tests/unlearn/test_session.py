@@ -158,3 +158,26 @@ def test_divergence_guard_flags_a_broken_correction(run_dir):
     assert bad["diverged"] and bad["retain_loss_after"] > bad["retain_loss_before"]
     res = s.run("LMCleanerSampleLevel", FORGET, hessian_mode="exact")
     assert "diverged" in res.info and "retain_loss_after" in res.info
+
+
+def test_unused_ids_are_reported_not_fatal(tmp_path):
+    root = tmp_path / "short"
+    Trainer(load_config(overrides=[*RUN, f"training.output_dir={root}", "training.max_steps=5"])).train()
+    s = UnlearnSession(root)
+    used = sorted({i for st in s.log.steps for i in s.log.record(st).sample_ids})
+    unused = sorted(set(range(48)) - set(used))
+    res = s.run("rollback", [used[0], unused[0]])
+    assert res.forget_ids == [used[0]] and res.info["unused_ids"] == [unused[0]]
+
+
+def test_sample_used_before_the_window_is_refused(tmp_path):
+    root = tmp_path / "win"
+    Trainer(load_config(overrides=[*RUN, f"training.output_dir={root}", "training_logger.max_steps=6",
+                                   "training_logger.checkpoint_interval=3"])).train()
+    s = UnlearnSession(root)
+    lo, hi = s.log.window
+    assert lo > 0
+    early = sorted(s._used_before(set(range(48)), lo))
+    assert early
+    with pytest.raises(UnlearnError, match="before the replayable window"):
+        s.run("LMCleanerSampleLevel", early[:1])

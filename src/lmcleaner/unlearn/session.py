@@ -113,29 +113,48 @@ class UnlearnSession:
         validate_ids(ids, len(self.trainer.dataset))
         return ids
 
-    def steps_for(self, ids: list[int]) -> list[int]:
+    def split_used(self, ids: list[int]) -> tuple[list[int], list[int]]:
+        """(ids used in a recorded step, ids never used). A sample used before the
+        recorded window cannot be unlearned from the log: that is an error."""
+        lo, _ = self.log.window
+        wanted = set(ids)
         steps = self.log.steps_containing(ids)
-        used = {i for s in steps for i in self.log.record(s).sample_ids} & set(ids)
-        unused = sorted(set(ids) - used)
-        lo, _ = self.log.window
-        if unused:
-            early = [i for i in unused if self._used_before_window(i)]
-            if early:
-                raise UnlearnError(f"samples {early[:5]} were used before the recorded window (steps < {lo}): "
-                                   "raise training_logger.max_steps or use exact retraining (lmcleaner retrain)")
-            raise UnlearnError(f"samples {unused[:5]} were never used in a recorded training step: nothing to forget")
-        return steps
+        used = {i for s in steps if s >= lo for i in self.log.record(s).sample_ids} & wanted
+        early = {i for s in steps if s < lo for i in self.log.record(s).sample_ids} & wanted
+        unused = sorted(wanted - used - early)
+        early |= self._used_before(set(unused), lo)
+        if early:
+            raise UnlearnError(f"samples {sorted(early)[:5]} were used before the replayable window (steps < {lo}): "
+                               "raise training_logger.max_steps or use exact retraining (lmcleaner retrain)")
+        return sorted(used), unused
 
-    def _used_before_window(self, sample_id: int) -> bool:
+    def steps_for(self, ids: list[int]) -> list[int]:
+        used, unused = self.split_used(ids)
+        if not used:
+            raise UnlearnError(f"samples {unused[:5]} were never used in a recorded training step: nothing to forget")
         lo, _ = self.log.window
-        plan = self.trainer.plan
-        return any(sample_id in mb for s in range(lo) for mb in plan.micro_batches(s))
+        return [s for s in self.log.steps_containing(used) if s >= lo]
+
+    def _used_before(self, ids: set[int], lo: int) -> set[int]:
+        """Which of ``ids`` the batch plan put in a step before ``lo`` (one permutation per epoch)."""
+        plan, found = self.trainer.plan, set()
+        for epoch in range((lo - 1) // plan.steps_per_epoch + 1 if ids and lo > 0 else 0):
+            steps = min(plan.steps_per_epoch, lo - epoch * plan.steps_per_epoch)
+            found |= set(plan.epoch_order(epoch)[: steps * plan.global_batch]) & ids
+        return found
 
     # ---------------------------------------------------------------- run
     def run(self, method: str, ids: list[int], **kwargs: Any) -> UnlearnResult:
         """Compute the unlearned state for ``ids`` with ``method`` (nothing is written)."""
+        used, unused = self.split_used(ids)
+        if not used:
+            raise UnlearnError(f"samples {unused[:5]} were never used in a recorded training step: nothing to forget")
+        if unused:
+            log.info("samples %s were never used in a recorded step: nothing to unlearn for them", unused[:10])
         with recorded_threads(self.log.meta.get("torch_num_threads")):
-            return self._run_method(method, ids, **kwargs)
+            result = self._run_method(method, used, **kwargs)
+        result.info["unused_ids"] = unused
+        return result
 
     def _run_method(self, method: str, ids: list[int], K: int = 800, hessian_mode: str = "exact",
                     damping: float = 1e-4, lr: float = 1e-4, steps: int = 5, **extra: Any) -> UnlearnResult:
