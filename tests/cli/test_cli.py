@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from lmcleaner.cli.main import build_parser, main
+from lmcleaner.cli.main import main
 
 from ..conftest import FAST
 

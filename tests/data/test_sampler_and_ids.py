@@ -1,4 +1,3 @@
-import torch
 
 from lmcleaner.data import BatchPlan, Collator, TextDataset, embedded_tokenizer, generate_authors_qa, load_records
 

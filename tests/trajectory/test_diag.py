@@ -2,7 +2,6 @@
 
 import types
 
-import pytest
 import torch
 
 from lmcleaner.train.engine import step_seed

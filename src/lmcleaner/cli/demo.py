@@ -156,7 +156,7 @@ def run_demo(cfg) -> dict[str, Any]:
              "||theta - theta_retrain|| against exact retraining (sample-level counterfactual); batch-level "
              "LMCleaner removes whole batches, a different counterfactual, so its error against this oracle is "
              "not a fidelity figure. cost_vs_replay counts gradient-equivalents (HVPs at their measured cost, "
-             f"replayed steps to recover past parameters included). Timings (s): "
+             "replayed steps to recover past parameters included). Timings (s): "
              + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     history = [(h["step"], h["loss"]) for h in state.history]
     paths = write_report(rows, out, loss_history=history, title="lmcleaner demo", notes=notes)

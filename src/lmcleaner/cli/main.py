@@ -12,7 +12,6 @@ import importlib
 import json
 import os
 import sys
-from pathlib import Path
 
 OVERRIDES_HELP = """\
 overrides (Hydra grammar, applied after --config):

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from .. import telemetry
 from ..config.loader import to_dict
 from ..data import BatchPlan, Collator, build_dataset, load_tokenizer
-from ..data.dataset import DataError
 from . import checkpoint as ckpt
 from .engine import Engine, run_step
 from .export import export_model
@@ -284,14 +283,14 @@ class Trainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         owns_telemetry = self._start_telemetry()
-        self.recorder.on_train_begin(self.engine, self.run_meta(), self.state.step)
-        if self.state.step == 0 and self.recorder.wants_checkpoint(0):
-            self.save_checkpoint("recorder")
-        wandb_run = self._init_wandb()
         bar = tqdm(total=self.state.total_steps, initial=self.state.step, desc="train",
                    disable=not (self.t.progress_bar and acc.is_main_process), dynamic_ncols=True)
         t0, tokens = time.perf_counter(), 0
         try:
+            self.recorder.on_train_begin(self.engine, self.run_meta(), self.state.step)
+            if self.state.step == 0 and self.recorder.wants_checkpoint(0):
+                self.save_checkpoint("recorder")
+            wandb_run = self._init_wandb()
             while self.state.step < self.state.total_steps:
                 self._apply_requests()
                 s = self.state.step

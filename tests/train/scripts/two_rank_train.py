@@ -3,7 +3,6 @@
 import json
 import sys
 
-import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
@@ -16,7 +15,6 @@ cfg = load_config(overrides=overrides + [f"training.output_dir={out_dir}/run"])
 trainer = Trainer(cfg, accelerator=acc)
 state = trainer.train()
 if acc.is_main_process:
-    json.dumps(state.history)
     with open(f"{out_dir}/result.json", "w") as f:
         json.dump({"distributed_type": str(acc.distributed_type), "num_processes": acc.num_processes,
                    "losses": [h["loss"] for h in state.history]}, f)
