@@ -208,6 +208,11 @@ class Trainer:
         path = self.t.forget_request_file
         if not path or not Path(path).is_file():
             return
+        st = Path(path).stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == getattr(self, "_request_file_stamp", None):
+            return  # unchanged since the last step: no read on the hot path
+        self._request_file_stamp = stamp
         for line in Path(path).read_text().splitlines():
             if not line.strip():
                 continue
