@@ -181,3 +181,18 @@ def test_sample_used_before_the_window_is_refused(tmp_path):
     assert early
     with pytest.raises(UnlearnError, match="before the replayable window"):
         s.run("LMCleanerSampleLevel", early[:1])
+
+
+def test_diverged_correction_falls_back_to_replay(run_dir, oracle, monkeypatch):
+    s = UnlearnSession(run_dir)
+    real = s.retain_guard
+
+    def always_diverged(theta, params, ids):
+        return {**real(theta, params, ids), "diverged": True}
+
+    monkeypatch.setattr(s, "retain_guard", always_diverged)
+    kept = s.run("LMCleanerSampleLevel", FORGET, hessian_mode="exact")
+    assert kept.method == "LMCleanerSampleLevel" and kept.info["diverged"]
+    res = s.run("LMCleanerSampleLevel", FORGET, hessian_mode="exact", fallback_to_replay=True)
+    assert res.method == "replay" and res.info["fallback_from"]["method"] == "LMCleanerSampleLevel"
+    assert all(torch.equal(res.params[n], oracle[n]) for n in oracle)

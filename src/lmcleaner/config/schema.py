@@ -137,6 +137,7 @@ class MethodArgs:
     apply_immediately: bool = True
     audit_dir: Optional[str] = None
     batch_size_at_training: Optional[int] = None
+    fallback_to_replay: bool = True  # a correction flagged as diverged is replaced by exact replay
     lr: float = 1e-4  # GradAscent baseline
     steps: int = 5  # GradAscent baseline
 

@@ -51,14 +51,18 @@ def run(args) -> int:
     session = UnlearnSession(run_dir, ma.training_log_dir)
     ids = session.resolve(cfg.unlearn.forget)
     result = session.run(method, ids, K=ma.K, hessian_mode=ma.hessian_mode, damping=ma.damping, lr=ma.lr,
-                         steps=ma.steps)
+                         steps=ma.steps, fallback_to_replay=ma.fallback_to_replay and method != "replay")
     out = Path(cfg.unlearn.output_dir) if cfg.unlearn.output_dir else session.run_dir / f"unlearned-{method}"
     session.save(result, out, ma.audit_dir, apply=ma.apply_immediately)
-    if result.info.get("diverged"):
+    if result.info.get("fallback_from"):
+        print(f"lmcleaner unlearn: warning: {method} diverged (retain loss "
+              f"{result.info['fallback_from']['retain_loss_after']:.3f}); the result is exact replay instead "
+              "(trainer.method_args.fallback_to_replay=false keeps the correction)", file=sys.stderr)
+    elif result.info.get("diverged"):
         print(f"lmcleaner unlearn: warning: the correction raised the retain loss from "
               f"{result.info['retain_loss_before']:.3f} to {result.info['retain_loss_after']:.3f}; "
               "consider trainer=replay (exact)", file=sys.stderr)
     keys = ("method", "K", "hessian_mode", "steps_touched", "correction_norm", "seconds", "grad_equivalents_total",
-            "diverged", "retain_loss_before", "retain_loss_after")
+            "diverged", "retain_loss_before", "retain_loss_after", "fallback_from")
     print(json.dumps({"output_dir": str(out), "forget_ids": ids, **{k: result.info.get(k) for k in keys}}))
     return 0

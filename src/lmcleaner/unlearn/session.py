@@ -144,8 +144,11 @@ class UnlearnSession:
         return found
 
     # ---------------------------------------------------------------- run
-    def run(self, method: str, ids: list[int], **kwargs: Any) -> UnlearnResult:
-        """Compute the unlearned state for ``ids`` with ``method`` (nothing is written)."""
+    def run(self, method: str, ids: list[int], fallback_to_replay: bool = False, **kwargs: Any) -> UnlearnResult:
+        """Compute the unlearned state for ``ids`` with ``method`` (nothing is written).
+
+        With ``fallback_to_replay``, a correction the divergence guard flags is
+        replaced by exact replay (the audit keeps both: ``fallback_from``)."""
         used, unused = self.split_used(ids)
         if not used:
             raise UnlearnError(f"samples {unused[:5]} were never used in a recorded training step: nothing to forget")
@@ -153,6 +156,14 @@ class UnlearnSession:
             log.info("samples %s were never used in a recorded step: nothing to unlearn for them", unused[:10])
         with recorded_threads(self.log.meta.get("torch_num_threads")):
             result = self._run_method(method, used, **kwargs)
+            if fallback_to_replay and result.info.get("diverged"):
+                log.warning("%s diverged; falling back to exact replay", result.method)
+                first = {k: result.info.get(k) for k in ("method", "K", "hessian_mode", "retain_loss_after",
+                                                          "seconds", "grad_equivalents_total")}
+                result = self._run_method("replay", used)
+                result.info["fallback_from"] = first
+                result.info["seconds"] += first["seconds"] or 0.0
+                result.info["grad_equivalents_total"] += first["grad_equivalents_total"] or 0.0
         result.info["unused_ids"] = unused
         return result
 
