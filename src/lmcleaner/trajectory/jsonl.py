@@ -104,28 +104,16 @@ def scan(path: str | Path) -> ScanResult:
 
 def rewrite_lines(path: Path, lines: list[bytes], fsync: bool = True) -> None:
     """Replace a JSONL file atomically (pruning, dropping a crashed run's tail)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(b"".join(lines))
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, b"".join(lines), fsync)
 
 
 def write_json_atomic(path: Path, data: Any, fsync: bool = True) -> None:
     """Write a whole JSON document so a reader sees the old or the new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, separators=(",", ":"))
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(data, separators=(",", ":")).encode(), fsync)
 
 
 def write_bytes_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
-    """Like :func:`write_json_atomic` for an already encoded document."""
+    """Temp file + rename: a reader sees the old or the new document, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)

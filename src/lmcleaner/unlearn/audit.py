@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..train.checkpoint import write_json_atomic
 
 AUDIT_FILE = "audit_records.json"
 
@@ -39,7 +40,5 @@ def append_audit_record(audit_dir: str | Path, record: dict[str, Any]) -> Path:
     path = audit_dir / AUDIT_FILE
     records = json.loads(path.read_text()) if path.is_file() else []
     records.append({"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record})
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(records, indent=2, default=float))
-    os.replace(tmp, path)
+    write_json_atomic(path, json.loads(json.dumps(records, default=float)))
     return path
