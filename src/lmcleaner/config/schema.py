@@ -126,28 +126,30 @@ class TrainingLoggerConfig:
     diag_probes: int = 1  # diag/hutchinson: probe vectors per step
 
 
-@dataclass
-class MethodArgs:
-    """Arguments of an unlearning method (``trainer.method_args``)."""
-
-    training_log_dir: Optional[str] = None
-    K: int = 800
-    hessian_mode: str = "exact"  # exact | GGN | diag (exact: double-backward HVP, measured cheaper and more accurate than GGN here)
-    damping: float = 1e-4
-    apply_immediately: bool = True
-    audit_dir: Optional[str] = None
-    batch_size_at_training: Optional[int] = None
-    fallback_to_replay: bool = True  # a correction flagged as diverged is replaced by exact replay
-    lr: float = 1e-4  # GradAscent baseline
-    steps: int = 5  # GradAscent baseline
+def _session_method_args() -> dict[str, Any]:
+    return {"training_log_dir": None, "apply_immediately": True, "audit_dir": None, "fallback_to_replay": True}
 
 
 @dataclass
 class UnlearnTrainerConfig:
-    """Which unlearning method (``trainer=LMCleanerBatch`` selects a preset)."""
+    """Which unlearning method and its arguments.
+
+    ``handler`` (or ``trainer=NAME``): a registered method, see
+    ``lmcleaner unlearn --help`` or ``lmcleaner.unlearn.registry``.
+    ``method_args``: the method's own arguments (its ``Config`` dataclass in
+    ``lmcleaner/unlearn/handlers/``, e.g. ``K``, ``hessian_mode`` for
+    LMCleaner; checked against it, unknown keys are an error) plus the
+    session keys every method shares:
+
+    - ``training_log_dir``: the trajectory log (default: ``<run>/training_log``);
+    - ``apply_immediately``: write the unlearned model (else only the correction);
+    - ``audit_dir``: where the audit log goes (default: ``<output>/audit``);
+    - ``fallback_to_replay``: a correction the divergence guard flags is
+      replaced by exact replay.
+    """
 
     handler: str = "LMCleanerBatchLevel"
-    method_args: MethodArgs = field(default_factory=MethodArgs)
+    method_args: dict[str, Any] = field(default_factory=_session_method_args)
 
 
 @dataclass

@@ -30,11 +30,13 @@ from lmcleaner.unlearn.methods import (
     sample_injector,
 )
 from lmcleaner.unlearn.propagation import PropagationResult, SweepStats, propagate
+from lmcleaner.unlearn.registry import get_method, method_config, method_names, register_method
+from lmcleaner.unlearn.result import UnlearnError, UnlearnResult
 
 
 def __getattr__(name: str):
     # The session side imports the trainer and the trajectory package; keep it lazy.
-    if name in ("UnlearnSession", "UnlearnError", "UnlearnResult", "USER_ERRORS"):
+    if name in ("UnlearnSession", "USER_ERRORS"):
         from lmcleaner.unlearn import session
 
         return getattr(session, name)
@@ -65,6 +67,10 @@ __all__ = [
     "SGDFormula",
     "SweepStats",
     "apply_correction",
+    "get_method",
+    "method_config",
+    "method_names",
+    "register_method",
     "batch_injector",
     "make_hvp_backend",
     "propagate",

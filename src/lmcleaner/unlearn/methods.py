@@ -36,7 +36,7 @@ from torch import nn
 
 from lmcleaner.trajectory.types import OptimizerSpec, ReplayedStep
 from lmcleaner.unlearn.functional import FunctionalLM, Params, norm, removal_injection
-from lmcleaner.unlearn.hvp import EXACT_IMPLS, HESSIAN_MODES, DiagProvider, make_hvp_backend
+from lmcleaner.unlearn.hvp import BACKENDS, EXACT_IMPLS, DiagProvider, make_hvp_backend
 from lmcleaner.unlearn.propagation import OPTIMIZER_MAPS, Injector, OptState, PropagationResult, propagate
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,8 @@ class _Method:
     ) -> None:
         if not isinstance(K, int) or K < 1:
             raise ValueError(f"K must be an integer >= 1 (got {K!r}); use e.g. K=800, or Rollback for no propagation")
-        if hessian_mode not in HESSIAN_MODES:
-            raise ValueError(f"unknown hessian_mode {hessian_mode!r}; use one of {HESSIAN_MODES}")
+        if hessian_mode not in BACKENDS:
+            raise ValueError(f"unknown hessian_mode {hessian_mode!r}; use one of {tuple(BACKENDS)}")
         if damping < 0:
             raise ValueError(f"damping must be >= 0 (got {damping}); the default is 1e-4")
         if optimizer_map not in OPTIMIZER_MAPS:

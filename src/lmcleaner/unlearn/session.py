@@ -14,9 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +25,8 @@ from ..train.export import export_model
 from ..train.trainer import model_fingerprint
 from .audit import append_audit_record, new_request_id, weights_fingerprint
 from .forget_set import ForgetSetError, resolve_forget_ids, validate_ids
-from .grad_ascent import grad_ascent
-from .methods import LMCleanerBatchLevel, LMCleanerSampleLevel, Rollback, SGDFormula, apply_correction
-
-METHODS = ("LMCleanerBatchLevel", "LMCleanerSampleLevel", "replay", "rollback", "sgd_formula", "GradAscent")
-_ALIASES = {"LMCleanerBatch": "LMCleanerBatchLevel", "LMCleanerSample": "LMCleanerSampleLevel",
-            "Replay": "replay", "Rollback": "rollback", "SGDFormula": "sgd_formula", "grad_ascent": "GradAscent"}
+from .registry import canonical_method, get_method, method_config
+from .result import UnlearnError, UnlearnResult
 
 
 @contextmanager
@@ -50,27 +44,6 @@ def recorded_threads(n: int | None):
 log = logging.getLogger("lmcleaner.unlearn")
 GUARD_ROWS = 32
 GUARD_TOLERANCE = 0.25  # relative retain-loss increase flagged as a diverged correction
-
-
-class UnlearnError(ValueError):
-    """A one-line problem with an unlearning request (bad ids, window, fingerprints)."""
-
-
-def canonical_method(name: str) -> str:
-    name = _ALIASES.get(name, name)
-    if name not in METHODS:
-        raise UnlearnError(f"unknown unlearning method '{name}': choose one of {list(METHODS)}")
-    return name
-
-
-@dataclass
-class UnlearnResult:
-    method: str
-    forget_ids: list[int]
-    tau: int
-    params: dict[str, torch.Tensor]  # the unlearned trainable parameters at tau
-    opt_state: dict[str, dict[str, torch.Tensor]] | None  # corrected optimizer state (None: not corrected)
-    info: dict[str, Any] = field(default_factory=dict)  # cost, norms, steps, settings (JSON-able)
 
 
 def find_log_dir(run_dir: Path) -> Path:
@@ -147,72 +120,30 @@ class UnlearnSession:
     def run(self, method: str, ids: list[int], fallback_to_replay: bool = False, **kwargs: Any) -> UnlearnResult:
         """Compute the unlearned state for ``ids`` with ``method`` (nothing is written).
 
-        With ``fallback_to_replay``, a correction the divergence guard flags is
-        replaced by exact replay (the audit keeps both: ``fallback_from``)."""
+        ``kwargs`` are the method's arguments (its ``Config`` in ``unlearn.handlers``;
+        unknown names are a one-line error). With ``fallback_to_replay``, a
+        correction the divergence guard flags is replaced by exact replay (the
+        audit keeps both: ``fallback_from``)."""
+        cls = get_method(method)
+        cfg = method_config(cls, kwargs)
         used, unused = self.split_used(ids)
         if not used:
             raise UnlearnError(f"samples {unused[:5]} were never used in a recorded training step: nothing to forget")
         if unused:
             log.info("samples %s were never used in a recorded step: nothing to unlearn for them", unused[:10])
         with recorded_threads(self.log.meta.get("torch_num_threads")):
-            result = self._run_method(method, used, **kwargs)
-            if fallback_to_replay and result.info.get("diverged"):
+            result = cls().run(self, used, cfg)
+            if fallback_to_replay and result.info.get("diverged") and not cls.exact:
                 log.warning("%s diverged; falling back to exact replay", result.method)
                 first = {k: result.info.get(k) for k in ("method", "K", "hessian_mode", "retain_loss_after",
                                                           "seconds", "grad_equivalents_total")}
-                result = self._run_method("replay", used)
+                replay = get_method("replay")
+                result = replay().run(self, used, method_config(replay))
                 result.info["fallback_from"] = first
                 result.info["seconds"] += first["seconds"] or 0.0
                 result.info["grad_equivalents_total"] += first["grad_equivalents_total"] or 0.0
         result.info["unused_ids"] = unused
         return result
-
-    def _run_method(self, method: str, ids: list[int], K: int = 800, hessian_mode: str = "exact",
-                    damping: float = 1e-4, lr: float = 1e-4, steps: int = 5, **extra: Any) -> UnlearnResult:
-        method = canonical_method(method)
-        if K < 1:
-            raise UnlearnError(f"K={K}: the propagation window must be >= 1 step")
-        touched = self.steps_for(ids)
-        t0 = time.perf_counter()
-        if method == "replay":
-            return self._replay(ids, touched, t0)
-        if method == "GradAscent":
-            return self._grad_ascent(ids, touched, lr, steps, t0)
-        if hessian_mode == "diag" and self.log.storage != "diag" and method not in ("rollback",):
-            raise UnlearnError("hessian_mode=diag needs a log recorded with training_logger.storage=diag "
-                               "(or compute_diag_h=true); use hessian_mode=GGN or exact")
-        level = "batch" if method == "LMCleanerBatchLevel" else "sample"
-        if method == "LMCleanerSampleLevel":
-            algo = LMCleanerSampleLevel(K=K, hessian_mode=hessian_mode, damping=damping, **extra)
-        elif method == "LMCleanerBatchLevel":
-            algo = LMCleanerBatchLevel(K=K, hessian_mode=hessian_mode, damping=damping, **extra)
-        elif method == "rollback":
-            algo = Rollback(level=extra.pop("level", "sample"))
-        else:
-            algo = SGDFormula(level=extra.pop("level", "sample"), K=K, hessian_mode=hessian_mode, damping=damping)
-        forget = touched if level == "batch" else ids
-        start = touched[0]
-        # Past the last injection + K steps nothing is propagated: the sweep can stop there.
-        reach = 0 if method == "rollback" else K
-        end = min(self.tau, touched[-1] + reach + 1)
-        restore = self.log.restore_point_for(start).step
-        steps_iter = self.replayer.iter_steps(start, end)
-        diag = self.log.diag_provider() if hessian_mode == "diag" and self.log.storage == "diag" else None
-        corr = algo.compute(self.template, steps_iter, self.spec, forget, self.tau, diag, last_injection=touched[-1])
-        theta, opt_state = self.replayer.state_at(self.tau)
-        params, new_state = apply_correction(theta, opt_state, corr)
-        seconds = time.perf_counter() - t0
-        guard = self.retain_guard(theta, params, ids)
-        audit = corr.audit.to_json()
-        recovery = (start - restore) + (end - start)  # training steps replayed to recover past parameters
-        info = {**audit, "method": method, "steps_touched": touched, "recovery_steps": recovery,
-                "grad_equivalents_total": audit["grad_equivalents"] + recovery, "seconds": seconds,
-                "sweep_range": [start, end], "restored_from": restore, **guard}
-        if guard["diverged"]:
-            log.warning("%s: the correction raised the retain loss from %.3f to %.3f; the linearised propagation "
-                        "is probably outside its regime (large steps or a large deletion): prefer method=replay",
-                        method, guard["retain_loss_before"], guard["retain_loss_after"])
-        return UnlearnResult(method, ids, self.tau, params, new_state, info)
 
     @torch.no_grad()
     def retain_loss(self, params: dict[str, torch.Tensor], ids: list[int]) -> float:
@@ -234,25 +165,6 @@ class UnlearnSession:
         before, after = self.retain_loss(theta, ids), self.retain_loss(params, ids)
         return {"retain_loss_before": before, "retain_loss_after": after,
                 "diverged": bool(after > before * (1 + GUARD_TOLERANCE) + 0.05)}
-
-    def _replay(self, ids: list[int], touched: list[int], t0: float) -> UnlearnResult:
-        res = self.replayer.counterfactual(ids, start=touched[0], end=self.tau)
-        seconds = time.perf_counter() - t0
-        info = {"method": "replay", "steps_touched": touched, "restored_from": res.restored_from,
-                "recovery_steps": res.steps_replayed, "grad_equivalents_total": float(res.steps_replayed),
-                "grad_equivalents": float(res.steps_replayed), "seconds": seconds, "K": None, "hessian_mode": None}
-        return UnlearnResult("replay", ids, self.tau, res.params, res.opt_state, info)
-
-    def _grad_ascent(self, ids: list[int], touched: list[int], lr: float, steps: int, t0: float) -> UnlearnResult:
-        theta, _ = self.replayer.state_at(self.tau)
-        model = copy.deepcopy(self.template)
-        model.load_state_dict(theta, strict=False)
-        stats = grad_ascent(model, self.trainer.dataset, ids, lr=lr, steps=steps)
-        params = {n: p.detach().clone() for n, p in model.named_parameters() if n in theta}
-        info = {"method": "GradAscent", "steps_touched": touched, "lr": lr, "ascent_epochs": steps, **stats,
-                "grad_equivalents": float(stats["updates"]), "grad_equivalents_total": float(stats["updates"]),
-                "recovery_steps": 0, "seconds": time.perf_counter() - t0, "K": None, "hessian_mode": None}
-        return UnlearnResult("GradAscent", ids, self.tau, params, None, info)
 
     # ---------------------------------------------------------------- write
     def model_with(self, params: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -297,3 +209,5 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 USER_ERRORS = (UnlearnError, ForgetSetError)
+__all__ = ["USER_ERRORS", "UnlearnError", "UnlearnResult", "UnlearnSession", "canonical_method", "find_log_dir",
+           "recorded_threads"]

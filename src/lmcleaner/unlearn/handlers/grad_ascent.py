@@ -7,10 +7,16 @@ forget rows), starting from the final weights.
 
 from __future__ import annotations
 
+import copy
+import time
+from dataclasses import dataclass
+
 import torch
 
-from ..data.collate import Collator
-from ..train.loss import token_nll_sum
+from ...data.collate import Collator
+from ...train.loss import token_nll_sum
+from ..registry import register_method
+from ..result import UnlearnResult
 
 
 def grad_ascent(model: torch.nn.Module, dataset, forget_ids: list[int], lr: float = 1e-4, steps: int = 5,
@@ -36,3 +42,30 @@ def grad_ascent(model: torch.nn.Module, dataset, forget_ids: list[int], lr: floa
     model.eval()
     return {"forget_loss_first": losses[0] if losses else float("nan"),
             "forget_loss_last": losses[-1] if losses else float("nan"), "updates": len(losses)}
+
+
+@register_method
+class GradAscent:
+    """baseline: SGD on -loss of the forget rows from the final weights (no trajectory)"""
+
+    name = "GradAscent"
+    aliases = ("grad_ascent",)
+    exact = False
+
+    @dataclass
+    class Config:
+        lr: float = 1e-4  # learning rate of the ascent
+        steps: int = 5  # epochs over the forget rows
+
+    def run(self, session, ids: list[int], cfg: Config) -> UnlearnResult:
+        t0 = time.perf_counter()
+        touched = session.steps_for(ids)
+        theta, _ = session.replayer.state_at(session.tau)
+        model = copy.deepcopy(session.template)
+        model.load_state_dict(theta, strict=False)
+        stats = grad_ascent(model, session.trainer.dataset, ids, lr=cfg.lr, steps=cfg.steps)
+        params = {n: p.detach().clone() for n, p in model.named_parameters() if n in theta}
+        info = {"method": self.name, "steps_touched": touched, "lr": cfg.lr, "ascent_epochs": cfg.steps, **stats,
+                "grad_equivalents": float(stats["updates"]), "grad_equivalents_total": float(stats["updates"]),
+                "recovery_steps": 0, "seconds": time.perf_counter() - t0, "K": None, "hessian_mode": None}
+        return UnlearnResult(self.name, ids, session.tau, params, None, info)

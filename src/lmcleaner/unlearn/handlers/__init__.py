@@ -1,0 +1,11 @@
+"""Unlearning methods, one file each; importing this package registers them all
+(``unlearn.registry``). A new method: one file here, one import line below."""
+
+from . import (  # noqa: F401
+    grad_ascent,
+    lmcleaner_batch,
+    lmcleaner_sample,
+    replay,
+    rollback,
+    sgd_formula,
+)
