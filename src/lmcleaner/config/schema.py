@@ -148,7 +148,7 @@ class UnlearnTrainerConfig:
       replaced by exact replay.
     """
 
-    handler: str = "LMCleanerBatchLevel"
+    handler: str = "auto"  # per request: an approximation when its estimated error is small enough, else replay
     method_args: dict[str, Any] = field(default_factory=_session_method_args)
 
 
@@ -159,6 +159,7 @@ class UnlearnConfig:
     forget: Any = None  # list of ids, "17,203", a file of ids, or a dataset file matched to training rows
     model_dir: Optional[str] = None  # trained run dir (default: training.output_dir)
     output_dir: Optional[str] = None  # default: <run>/unlearned-<method>
+    max_error: Optional[float] = None  # trainer=auto: accepted estimated relative error (default: the method's 0.1)
 
 
 @dataclass

@@ -202,6 +202,34 @@ class TrajectoryReplayer:
                                grad=cap.grads if grads else None, opt_state=state)
 
     # ------------------------------------------------------- counterfactual
+    def load_state(self, params: dict[str, torch.Tensor],
+                   opt_state: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+        """Overwrite the engine's parameters (and optimizer state, by name) at its current
+        step; the scheduler stays. The engine is then off the recorded trajectory."""
+        live = self.engine.trainable()
+        with torch.no_grad():
+            for name, value in params.items():
+                live[name].copy_(value.to(live[name].dtype))
+        if opt_state is not None:
+            opt = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+            for name, p in live.items():
+                st = opt.state.get(p)
+                for k, v in opt_state.get(name, {}).items():
+                    if st is not None and k in st and torch.is_tensor(st[k]) and k != "step":
+                        st[k].copy_(v.to(st[k].dtype))
+        self._origin = None
+
+    def step_without(self, t: int, extra_excluded: Iterable[int]) -> StepRecord:
+        """Run recorded step ``t`` from whatever state the engine holds, with
+        ``extra_excluded`` removed from its batch (a counterfactual step). The
+        engine is off the recorded trajectory afterwards (the next ``seek``
+        restores a checkpoint)."""
+        if self._pos is not None and self._pos != t:
+            raise TrajectoryLogError(f"step_without({t}): the engine holds the state before step {self._pos}")
+        out = self._run(t, extra=frozenset(int(i) for i in extra_excluded))
+        self._origin = None
+        return out
+
     def counterfactual(self, extra_excluded: Iterable[int], start: int | None = None,
                        end: int | None = None) -> CounterfactualResult:
         """Replay ``start..end-1`` with ``extra_excluded`` removed from every batch.

@@ -67,6 +67,8 @@ def run(args) -> int:
         return 0
     ma, args = split_method_args(to_dict(cfg.trainer.method_args))
     method = canonical_method(cfg.trainer.handler)
+    if cfg.unlearn.max_error is not None and method == "auto":
+        args["max_error"] = cfg.unlearn.max_error
     method_config(method, args)  # a bad argument fails before the run is opened
     log_dir = ma.get("training_log_dir")
     run_dir = cfg.unlearn.model_dir or (None if log_dir else cfg.training.output_dir)

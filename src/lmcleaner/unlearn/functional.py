@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -72,6 +73,9 @@ class FunctionalLM:
                 self.frozen[n] = t.detach().to(COMPUTE_DTYPE)
         config = getattr(model, "config", None)
         self._extra = {"use_cache": False} if hasattr(config, "use_cache") else {}
+        # measured cost of gradients (seconds per row), the unit HVP costs are reported in
+        self.grad_seconds = 0.0
+        self.grad_rows = 0
 
     # -- forward -----------------------------------------------------------
     def logits(self, params: Params, batch: Batch) -> torch.Tensor:
@@ -93,12 +97,20 @@ class FunctionalLM:
 
         Micro-batch by micro-batch so memory is that of one micro-batch.
         """
+        t0 = time.perf_counter()
         out = {n: torch.zeros_like(p) for n, p in params.items()}
         for b in batches:
             g = torch.func.grad(self.nll_sum)(params, b)
             for n in out:
                 out[n] += g[n]
+            self.grad_rows += int(b["input_ids"].shape[0])
+        self.grad_seconds += time.perf_counter() - t0
         return out
+
+    @property
+    def seconds_per_row(self) -> float | None:
+        """Measured seconds of a gradient per batch row in this process (None before any)."""
+        return self.grad_seconds / self.grad_rows if self.grad_rows else None
 
     def grad(self, params: Params, batches: list[Batch], normaliser: float) -> Params:
         """Gradient of the step loss (zeros when nothing is supervised)."""

@@ -80,6 +80,24 @@ class UnlearnSession:
         # replay (which mutates the engine's parameters) cannot interfere.
         self.template = copy.deepcopy(self.trainer.engine.unwrapped)
 
+    # ------------------------------------------------------------ past steps
+    def iter_steps(self, start: int, end: int):
+        """``ReplayedStep`` for ``start..end-1``: from heavy storage when the log has update
+        vectors (``trajectory.heavy``: no replay), else by exact replay. Returns
+        ``(iterator, cost)`` where ``cost()`` is the training steps or gradients the
+        recovery of past parameters has taken so far."""
+        if self.log.storage == "heavy" and self.log.has_updates:
+            from ..trajectory.heavy import HeavySteps
+            from ..trajectory.reconstruct import BatchReconstructor
+            from .functional import FunctionalLM
+
+            fl = FunctionalLM(self.template, list(self.trainer.engine.trainable()))
+            rec = BatchReconstructor(self.log, self.trainer.dataset, self.trainer.engine.collator)
+            source = HeavySteps(self.log, rec, self.spec, grad_fn=fl.grad)
+            return source(start, end), (lambda: float(source.grad_evals))
+        before = self.replayer.steps_run
+        return self.replayer.iter_steps(start, end), (lambda: float(self.replayer.steps_run - before))
+
     # ------------------------------------------------------------ requests
     def resolve(self, forget: Any) -> list[int]:
         ids = resolve_forget_ids(forget, self.trainer.dataset.records)
@@ -133,6 +151,10 @@ class UnlearnSession:
             log.info("samples %s were never used in a recorded step: nothing to unlearn for them", unused[:10])
         with recorded_threads(self.log.meta.get("torch_num_threads")):
             result = cls().run(self, used, cfg)
+            est = result.info.get("estimated_error")
+            if est is not None and est >= 1.0:  # its own estimate says: no better than doing nothing
+                result.info["diverged"] = True
+                result.info["diverged_reason"] = f"estimated error {est:.3g} >= 1 (doing nothing scores 1)"
             if fallback_to_replay and result.info.get("diverged") and not cls.exact:
                 log.warning("%s diverged; falling back to exact replay", result.method)
                 first = {k: result.info.get(k) for k in ("method", "K", "hessian_mode", "retain_loss_after",

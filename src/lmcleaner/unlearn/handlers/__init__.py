@@ -2,6 +2,7 @@
 (``unlearn.registry``). A new method: one file here, one import line below."""
 
 from . import (  # noqa: F401
+    auto,
     grad_ascent,
     lmcleaner_batch,
     lmcleaner_sample,

@@ -20,6 +20,7 @@ backend in this package; ``make_hvp_backend(mode, fl, ...)`` builds one.
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any, Union
@@ -54,6 +55,8 @@ class HVPBackend(ABC):
         self.vectors = 0  # directions multiplied
         self.last_path: str | None = None
         self._warned = False
+        self.seconds = 0.0  # wall time in products
+        self.row_seconds = 0.0  # sum over calls of seconds / rows of the call's batches
 
     #: measured cost of one direction in gradient evaluations (k = 1), see ``exact.py``
     cost_in_grads: float = 0.0
@@ -72,8 +75,21 @@ class HVPBackend(ABC):
         if normaliser <= 0:  # nothing supervised: the step loss is identically 0
             return {n: torch.zeros_like(v) for n, v in vectors.items()}
         # the CPU flash SDPA kernel supports neither forward-mode AD nor double backward
+        t0 = time.perf_counter()
         with sdpa_kernel([SDPBackend.MATH]):
-            return self._hvp(params, batches, normaliser, vectors, step)
+            out = self._hvp(params, batches, normaliser, vectors, step)
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        self.row_seconds += dt / max(1, sum(int(b["input_ids"].shape[0]) for b in batches))
+        return out
+
+    def measured_grad_equivalents(self, seconds_per_grad_row: float | None) -> float | None:
+        """All products so far in gradients *as measured in this process*: each call's
+        seconds over the seconds a gradient of the same rows took. None without a
+        gradient timing to compare with."""
+        if not seconds_per_grad_row:
+            return None
+        return self.row_seconds / seconds_per_grad_row
 
     @abstractmethod
     def _hvp(
