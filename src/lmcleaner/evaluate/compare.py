@@ -17,10 +17,23 @@ from .fidelity import kl_to_oracle
 
 Grid = Sequence[tuple[str, dict[str, Any]]]
 
+# The fine-tuning baselines open-unlearning users compare against, at their
+# defaults (open-unlearning's TOFU settings: AdamW, 10 epochs, batch 32, ...)
+# except the learning rate, which keeps the papers' ratio to the training one
+# (TOFU fine-tunes at 1e-5 and unlearns at 1e-5): lr = 1 x the run's.
+FINETUNE_BASELINES: tuple[str, ...] = ("GradAscent", "GradDiff", "NPO", "SimNPO")
+BASELINE_ARGS: dict[str, Any] = {"lr": 1.0, "lr_relative": True}
+
+
+def baseline_grid() -> list[tuple[str, dict[str, Any]]]:
+    """GradAscent, GradDiff, NPO, SimNPO at their defaults, lr = the run's training lr."""
+    return [(m, dict(BASELINE_ARGS)) for m in FINETUNE_BASELINES]
+
 
 def default_grid(tau: int, Ks: Sequence[int], hessian_modes: Sequence[str], level: str = "both") -> list:
     """replay, LMCleaner (sample level: each mode x each K and the full window;
-    batch level: first mode, full window), rollback, sgd_formula, GradAscent."""
+    batch level: first mode, full window), rollback, sgd_formula, and the
+    fine-tuning baselines (``baseline_grid``)."""
     grid: list[tuple[str, dict[str, Any]]] = [("replay", {})]
     Ks_full = sorted({int(k) for k in Ks if 0 < int(k) < tau} | {tau})
     for mode in hessian_modes:
@@ -28,8 +41,7 @@ def default_grid(tau: int, Ks: Sequence[int], hessian_modes: Sequence[str], leve
             grid.append(("LMCleanerSampleLevel", {"hessian_mode": mode, "K": K}))
     if level == "both":
         grid.append(("LMCleanerBatchLevel", {"hessian_mode": hessian_modes[0], "K": tau}))
-    grid += [("rollback", {}), ("sgd_formula", {"hessian_mode": hessian_modes[0], "K": tau}),
-             ("GradAscent", {"lr": 1e-3, "steps": 5})]
+    grid += [("rollback", {}), ("sgd_formula", {"hessian_mode": hessian_modes[0], "K": tau}), *baseline_grid()]
     return grid
 
 

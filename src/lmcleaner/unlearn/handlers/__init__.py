@@ -3,9 +3,12 @@
 
 from . import (  # noqa: F401
     grad_ascent,
+    grad_diff,
     lmcleaner_batch,
     lmcleaner_sample,
+    npo,
     replay,
     rollback,
     sgd_formula,
+    simnpo,
 )
