@@ -206,11 +206,21 @@ def test_registry_aliases_and_defaults():
     assert "NPO (alias npo)" in text and "beta=0.1" in text and "beta=4.5" in text and "retain_loss=NLL" in text
 
 
-def test_unlearn_help_lists_the_baselines(capsys):
+def test_help_and_readme_list_every_registered_method(capsys):
+    from pathlib import Path
+
+    from lmcleaner.cli.main import OVERRIDES_HELP
+    from lmcleaner.unlearn.registry import method_names
+
     with pytest.raises(SystemExit):
         main(["unlearn", "--help"])
     text = capsys.readouterr().out
     assert all(m in text for m in ("GradAscent", "GradDiff", "NPO", "SimNPO"))
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name in method_names():
+        names = {name, *get_method(name).aliases}
+        assert any(n in OVERRIDES_HELP for n in names), name
+        assert any(f"`{n}`" in readme for n in names), name
 
 
 @pytest.mark.parametrize("overrides, needle", [
