@@ -17,7 +17,7 @@ method of the grid is run and measured against it with
       not a fidelity figure),
   baselines: rollback (no propagation), sgd_formula (optimizer ignored), and
       the fine-tuning baselines GradAscent, GradDiff, NPO, SimNPO at their
-      defaults with the run's own learning rate (``compare.baseline_grid``).
+      defaults (``compare.baseline_grid``).
 
 Outputs in --out: ``sweep.csv`` and ``sweep.json`` (one row per method run:
 optimizer, seed, split, method, hessian_mode, K, rel_param_error, kl_forget,

@@ -39,10 +39,11 @@ draws and any dropout come from ``seed``: the result is a pure function of
 the run, the ids and the config (tested).
 
 Learning rate scale. TOFU fine-tunes at 1e-5 and open-unlearning unlearns at
-1e-5: unlearning at the training learning rate. A model trained at 1e-3 does
-not move at 1e-5, so ``lr_relative=true`` reads ``lr`` as a multiple of each
+1e-5: unlearning at the training learning rate. A model trained at 1e-3 barely
+moves at 1e-5, so ``lr_relative=true`` reads ``lr`` as a multiple of each
 parameter group's recorded training learning rate (``lr=1 lr_relative=true``
-keeps the papers' ratio; the demo and the benchmarks use it).
+keeps the papers' ratio). The demo and benchmarks run the plain defaults;
+docs/benchmarks.md has both on the demo run.
 
 Cost in gradient-equivalents, the convention of every method's ``info``:
 one gradient-equivalent is one forward+backward over one recorded training
