@@ -47,6 +47,8 @@ def default_grid(tau: int, Ks: Sequence[int], hessian_modes: Sequence[str], leve
 def row_name(method: str, kw: dict[str, Any]) -> str:
     short = {"LMCleanerSampleLevel": "LMC-sample", "LMCleanerBatchLevel": "LMC-batch"}.get(method, method)
     parts = [short] + [str(kw[k]) if k == "hessian_mode" else f"K{kw[k]}" for k in ("hessian_mode", "K") if k in kw]
+    if "lr" in kw:  # fine-tuning baselines: "x" marks a multiple of the run's learning rate
+        parts.append(f"lr{'x' if kw.get('lr_relative') else ''}{kw['lr']:g}")
     return "-".join(parts)
 
 
@@ -98,3 +100,20 @@ def compare_methods(session, ids: list[int], grid: Grid, oracle: dict[str, torch
         r["replay_seconds"] = replay_seconds
         r["cost_vs_replay"] = r["grad_equivalents"] / replay_cost if replay_cost else None
     return rows
+
+
+EVAL_COLUMNS = ("forget_quality", "model_utility", "mia_auc")
+
+
+def merge_eval(rows: list[dict], summary: dict[str, Any]) -> None:
+    """Add ``evaluate_models``' headline metrics to the rows (matched by name), and rows for the
+    original model and the oracle."""
+    models = summary.get("models", summary)
+    for r in rows:
+        m = models.get(r["name"], {})
+        for key in EVAL_COLUMNS:
+            r[key] = m.get(key)
+    for base in ("original", "oracle"):
+        m = models.get(base, {})
+        rows.append({"name": base, "method": base, "rel_param_error": 1.0 if base == "original" else 0.0,
+                     **{k: m.get(k) for k in ("kl_forget", "kl_retain", *EVAL_COLUMNS)}})
