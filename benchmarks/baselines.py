@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
         t0 = time.perf_counter()
         rows = compare_methods(session, ids, grid, oracle, [ds[i] for i in ids], [ds[i] for i in retain],
-                               on_result=export, progress=False)
+                               on_result=export, progress=False, include_original=True)
         seconds = time.perf_counter() - t0
         if not args.no_eval:
             data = EvalData.embedded(forget_ids=ids, max_retain=args.max_retain, max_holdout=args.max_holdout)

@@ -127,7 +127,7 @@ def run_demo(cfg) -> dict[str, Any]:
     t0 = time.perf_counter()
     grid = default_grid(session.tau, d.Ks, d.hessian_modes)
     rows = compare_methods(session, ids, grid, oracle, [dataset[i] for i in ids], [dataset[i] for i in retain_ids],
-                           on_result=export, progress=cfg.training.progress_bar)
+                           on_result=export, progress=cfg.training.progress_bar, include_original=True)
     timings["unlearn_all_methods"] = time.perf_counter() - t0
 
     data = (EvalData.embedded(forget_ids=ids, max_retain=d.eval_max_retain, max_holdout=d.eval_max_holdout)

@@ -70,8 +70,10 @@ def _mean_kl(model, oracle_model, items, pad_id: int) -> float | None:
 
 def compare_methods(session, ids: list[int], grid: Grid, oracle: dict[str, torch.Tensor],
                     forget_items: Sequence[dict] = (), retain_items: Sequence[dict] = (),
-                    on_result: Callable[[str, Any], None] | None = None, progress: bool = True) -> list[dict]:
-    """Rows for every method in ``grid``. ``on_result(name, UnlearnResult)`` sees each result (e.g. to export it)."""
+                    on_result: Callable[[str, Any], None] | None = None, progress: bool = True,
+                    include_original: bool = False) -> list[dict]:
+    """Rows for every method in ``grid``. ``on_result(name, UnlearnResult)`` sees each result (e.g. to export it).
+    ``include_original`` adds a row for the untouched model, its KLs measured the same way."""
     from tqdm.auto import tqdm
 
     theta = session.replayer.state_at(session.tau)[0]
@@ -99,6 +101,11 @@ def compare_methods(session, ids: list[int], grid: Grid, oracle: dict[str, torch
     for r in rows:
         r["replay_seconds"] = replay_seconds
         r["cost_vs_replay"] = r["grad_equivalents"] / replay_cost if replay_cost else None
+    if include_original:
+        model = session.model_with(theta)
+        rows.append({"name": "original", "method": "original", "rel_param_error": 1.0,
+                     "kl_forget": _mean_kl(model, oracle_model, forget_items, pad_id),
+                     "kl_retain": _mean_kl(model, oracle_model, retain_items, pad_id)})
     return rows
 
 
@@ -107,13 +114,16 @@ EVAL_COLUMNS = ("forget_quality", "model_utility", "mia_auc")
 
 def merge_eval(rows: list[dict], summary: dict[str, Any]) -> None:
     """Add ``evaluate_models``' headline metrics to the rows (matched by name), and rows for the
-    original model and the oracle."""
+    original model and the oracle where ``rows`` has none (their KLs then come from the evaluation,
+    whose retain rows and templates differ from ``compare_methods``': prefer ``include_original``)."""
     models = summary.get("models", summary)
     for r in rows:
         m = models.get(r["name"], {})
         for key in EVAL_COLUMNS:
             r[key] = m.get(key)
     for base in ("original", "oracle"):
+        if any(r["name"] == base for r in rows):
+            continue
         m = models.get(base, {})
         rows.append({"name": base, "method": base, "rel_param_error": 1.0 if base == "original" else 0.0,
                      **{k: m.get(k) for k in ("kl_forget", "kl_retain", *EVAL_COLUMNS)}})
