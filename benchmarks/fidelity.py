@@ -41,7 +41,7 @@ import torch
 
 from lmcleaner.config import load_config
 from lmcleaner.evaluate import format_table
-from lmcleaner.evaluate.compare import compare_methods
+from lmcleaner.evaluate.compare import baseline_grid, compare_methods
 from lmcleaner.train import Trainer
 from lmcleaner.unlearn.cli_retrain import retrain_config
 from lmcleaner.unlearn.session import UnlearnSession
@@ -97,7 +97,7 @@ def grid_for(args, tau: int) -> list[tuple[str, dict]]:
             grid.append(("LMCleanerSampleLevel", {"propagation": "replay", "K": Ks[0], "carry": "frozen",
                                                   "tol": tol}))
     if "baselines" in args.families:
-        grid += [("rollback", {}), ("GradAscent", {"lr": 1e-4, "steps": 5})]
+        grid += [("rollback", {}), *baseline_grid()]
     if "auto" in args.families:
         grid.append(("auto", {}))
     return grid

@@ -78,7 +78,7 @@ def _forget_ids(cfg, rows: list[dict]) -> list[int]:
 
 def run_demo(cfg) -> dict[str, Any]:
     from ..evaluate import EvalData, evaluate_models, format_table, write_report
-    from ..evaluate.compare import compare_methods, default_grid
+    from ..evaluate.compare import compare_methods, default_grid, merge_eval
     from ..train import Trainer
     from ..train.export import export_model
     from ..unlearn.cli_retrain import retrain_config
@@ -127,7 +127,7 @@ def run_demo(cfg) -> dict[str, Any]:
     t0 = time.perf_counter()
     grid = default_grid(session.tau, d.Ks, d.hessian_modes)
     rows = compare_methods(session, ids, grid, oracle, [dataset[i] for i in ids], [dataset[i] for i in retain_ids],
-                           on_result=export, progress=cfg.training.progress_bar)
+                           on_result=export, progress=cfg.training.progress_bar, include_original=True)
     timings["unlearn_all_methods"] = time.perf_counter() - t0
 
     data = (EvalData.embedded(forget_ids=ids, max_retain=d.eval_max_retain, max_holdout=d.eval_max_holdout)
@@ -138,16 +138,7 @@ def run_demo(cfg) -> dict[str, Any]:
                                      original="original", out_dir=out / "eval", max_new_tokens=d.eval_max_new_tokens,
                                      progress=cfg.training.progress_bar)
         timings["eval"] = time.perf_counter() - t0
-        models = summary.get("models", summary)
-        for r in rows:
-            m = models.get(r["name"], {})
-            for key in ("forget_quality", "model_utility", "mia_auc"):
-                r[key] = m.get(key)
-        for base in ("original", "oracle"):
-            m = models.get(base, {})
-            rows.append({"name": base, "method": base, "rel_param_error": 1.0 if base == "original" else 0.0,
-                         **{k: m.get(k) for k in ("kl_forget", "kl_retain", "forget_quality", "model_utility",
-                                                  "mia_auc")}})
+        merge_eval(rows, summary)
     skipped = sorted(set(wanted) - set(ids))
     notes = (f"Forgot {len(ids)} samples (ids {ids[:8]}{'...' if len(ids) > 8 else ''}) used in "
              f"{len(session.steps_for(ids))} of {session.tau} steps"

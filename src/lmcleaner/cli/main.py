@@ -17,8 +17,9 @@ OVERRIDES_HELP = """\
 overrides (Hydra grammar, applied after --config):
   key=value            set a value, e.g. training.max_steps=200 training.optimizer=sgd
   model=NAME|FILE      model preset from the package (tiny-llama, micro-llama) or a YAML file
-  trainer=NAME|FILE    unlearning preset (LMCleanerBatch, LMCleanerSample, replay, rollback,
-                       sgd_formula, GradAscent) or a YAML file
+  trainer=NAME|FILE    unlearning method (LMCleanerBatch, LMCleanerSample, replay, rollback,
+                       sgd_formula, GradAscent, GradDiff, NPO, SimNPO; `lmcleaner unlearn --help`
+                       lists their arguments) or a YAML file
 common keys:
   model.name_or_path   "tiny-llama" (embedded, offline) or a HF id / local dir
   training.dataset_name  "embedded" or a json/jsonl/csv/parquet path or a hub dataset

@@ -17,10 +17,22 @@ from .fidelity import kl_to_oracle
 
 Grid = Sequence[tuple[str, dict[str, Any]]]
 
+# The fine-tuning baselines open-unlearning users compare against, exactly as
+# ``trainer=NAME`` runs them (open-unlearning's TOFU defaults: AdamW lr 1e-5,
+# 10 epochs, 32 rows per step, ...). docs/benchmarks.md has them at the run's
+# own learning rate too (``lr_relative=true``), where they overshoot.
+FINETUNE_BASELINES: tuple[str, ...] = ("GradAscent", "GradDiff", "NPO", "SimNPO")
+
+
+def baseline_grid(**args: Any) -> list[tuple[str, dict[str, Any]]]:
+    """GradAscent, GradDiff, NPO, SimNPO at their defaults (``args`` override them, e.g. ``lr``)."""
+    return [(m, dict(args)) for m in FINETUNE_BASELINES]
+
 
 def default_grid(tau: int, Ks: Sequence[int], hessian_modes: Sequence[str], level: str = "both") -> list:
     """replay, LMCleaner (sample level: each mode x each K and the full window;
-    batch level: first mode, full window), rollback, sgd_formula, GradAscent."""
+    batch level: first mode, full window), rollback, sgd_formula, and the
+    fine-tuning baselines (``baseline_grid``)."""
     grid: list[tuple[str, dict[str, Any]]] = [("replay", {})]
     Ks_full = sorted({int(k) for k in Ks if 0 < int(k) < tau} | {tau})
     for mode in hessian_modes:
@@ -28,14 +40,15 @@ def default_grid(tau: int, Ks: Sequence[int], hessian_modes: Sequence[str], leve
             grid.append(("LMCleanerSampleLevel", {"hessian_mode": mode, "K": K}))
     if level == "both":
         grid.append(("LMCleanerBatchLevel", {"hessian_mode": hessian_modes[0], "K": tau}))
-    grid += [("rollback", {}), ("sgd_formula", {"hessian_mode": hessian_modes[0], "K": tau}),
-             ("GradAscent", {"lr": 1e-3, "steps": 5})]
+    grid += [("rollback", {}), ("sgd_formula", {"hessian_mode": hessian_modes[0], "K": tau}), *baseline_grid()]
     return grid
 
 
 def row_name(method: str, kw: dict[str, Any]) -> str:
     short = {"LMCleanerSampleLevel": "LMC-sample", "LMCleanerBatchLevel": "LMC-batch"}.get(method, method)
     parts = [short] + [str(kw[k]) if k == "hessian_mode" else f"K{kw[k]}" for k in ("hessian_mode", "K") if k in kw]
+    if "lr" in kw:  # fine-tuning baselines: "x" marks a multiple of the run's learning rate
+        parts.append(f"lr{'x' if kw.get('lr_relative') else ''}{kw['lr']:g}")
     return "-".join(parts)
 
 
@@ -84,8 +97,10 @@ def row_name_of(method: str, kw: dict[str, Any]) -> str:
 def compare_methods(session, ids: list[int], grid: Grid, oracle: dict[str, torch.Tensor],
                     forget_items: Sequence[dict] = (), retain_items: Sequence[dict] = (),
                     on_result: Callable[[str, Any], None] | None = None, progress: bool = True,
-                    holdout_items: Sequence[dict] = (), do_nothing_row: bool = False) -> list[dict]:
-    """Rows for every method in ``grid`` (first, with ``do_nothing_row``, the untouched model).
+                    holdout_items: Sequence[dict] = (), do_nothing_row: bool = False,
+                    include_original: bool = False) -> list[dict]:
+    """Rows for every method in ``grid`` (first, with ``do_nothing_row``, the untouched model;
+    ``include_original`` appends the same row named ``original``, as the demo report names it).
 
     Function space beside parameter space: ``kl_forget_ratio`` is the KL to the
     oracle on the forget set divided by the untouched model's (1 = no better than
@@ -109,9 +124,10 @@ def compare_methods(session, ids: list[int], grid: Grid, oracle: dict[str, torch
                 "kl_retain": _mean_kl(model, oracle_model, retain_items, pad_id), "mia_auc": auc_m,
                 "mia_gap": abs(auc_m - auc_oracle) if (auc_m is not None and auc_oracle is not None) else None}
 
-    rows = [] if not do_nothing_row else [{"name": "do-nothing", "method": "none", "hessian_mode": None, "K": None, "rel_param_error": 1.0,
-             **fn_space(original), "seconds": 0.0, "grad_equivalents": 0.0, "recovery_steps": 0,
-             "steps_touched": 0, "diverged": False, "estimated_error": None}]
+    untouched = {"name": "do-nothing", "method": "none", "hessian_mode": None, "K": None, "rel_param_error": 1.0,
+                 **fn_space(original), "seconds": 0.0, "grad_equivalents": 0.0, "recovery_steps": 0,
+                 "steps_touched": 0, "diverged": False, "estimated_error": None}
+    rows = [dict(untouched)] if do_nothing_row else []
     replay_cost, replay_seconds = None, None
     for method, kw in tqdm(list(grid), desc="methods", disable=not progress):
         res = session.run(method, ids, **kw)
@@ -134,4 +150,26 @@ def compare_methods(session, ids: list[int], grid: Grid, oracle: dict[str, torch
         r["replay_seconds"] = replay_seconds
         r["cost_vs_replay"] = r["grad_equivalents"] / replay_cost if replay_cost else None
         r["wall_vs_replay"] = (r["seconds"] / replay_seconds) if (replay_seconds and r["seconds"] is not None) else None
+    if include_original:
+        rows.append({**untouched, "name": "original", "method": "original"})
     return rows
+
+
+EVAL_COLUMNS = ("forget_quality", "model_utility", "mia_auc")
+
+
+def merge_eval(rows: list[dict], summary: dict[str, Any]) -> None:
+    """Add ``evaluate_models``' headline metrics to the rows (matched by name), and rows for the
+    original model and the oracle where ``rows`` has none (their KLs then come from the evaluation,
+    whose retain rows and templates differ from ``compare_methods``': prefer ``include_original``)."""
+    models = summary.get("models", summary)
+    for r in rows:
+        m = models.get(r["name"], {})
+        for key in EVAL_COLUMNS:
+            r[key] = m.get(key)
+    for base in ("original", "oracle"):
+        if any(r["name"] == base for r in rows):
+            continue
+        m = models.get(base, {})
+        rows.append({"name": base, "method": base, "rel_param_error": 1.0 if base == "original" else 0.0,
+                     **{k: m.get(k) for k in ("kl_forget", "kl_retain", *EVAL_COLUMNS)}})

@@ -4,9 +4,12 @@
 from . import (  # noqa: F401
     auto,
     grad_ascent,
+    grad_diff,
     lmcleaner_batch,
     lmcleaner_sample,
+    npo,
     replay,
     rollback,
     sgd_formula,
+    simnpo,
 )
