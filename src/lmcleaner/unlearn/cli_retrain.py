@@ -63,7 +63,10 @@ def run(args) -> int:
     ids = resolve_forget_ids(cfg.unlearn.forget, rows)
     validate_ids(ids, len(rows))
     rcfg = retrain_config(run_dir, ids, out)
-    state = Trainer(rcfg, tokenizer=tok).train()
+    trainer = Trainer(rcfg, tokenizer=tok)
+    state = trainer.train()
+    if not trainer.accelerator.is_main_process:  # under torchrun the main process reports
+        return 0
     print(json.dumps({"output_dir": str(out), "model_dir": str(out / "final_model"), "forget_ids": ids,
                       "steps": state.step}))
     return 0
