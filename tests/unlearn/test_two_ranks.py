@@ -19,10 +19,15 @@ from safetensors.torch import load_file
 
 from lmcleaner.config import load_config
 from lmcleaner.train import Trainer
+from lmcleaner.train.loss import count_supervised
+from lmcleaner.unlearn import FunctionalLM, make_hvp_backend
+from lmcleaner.unlearn.functional import DataParallel, to_compute
+from lmcleaner.unlearn.cli_retrain import retrain_config
 from lmcleaner.unlearn.online import OnlineUnlearner
 from lmcleaner.unlearn.session import UnlearnSession
 
 from ..conftest import torchrun
+from .unlearn_harness import TinyMLPLM, collate, make_dataset
 
 SCRIPT = Path(__file__).parent / "scripts" / "two_rank_unlearn.py"
 RUN = ["model=micro-llama", "training.num_samples=32", "training.batch_size=4", "training.max_steps=8",
@@ -55,7 +60,7 @@ def assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 
 @pytest.mark.slow
-def test_replay_under_torchrun_is_bit_identical_to_one_process(root, session):
+def test_replay_under_torchrun_is_bit_identical_to_one_process(root, session, tmp_path):
     for rank in (0, 1):
         r = result(root, rank)
         assert r["num_processes"] == 2 and "MULTI_CPU" in r["distributed_type"]
@@ -68,6 +73,11 @@ def test_replay_under_torchrun_is_bit_identical_to_one_process(root, session):
     one = session.run("replay", FORGET)
     two = load_file(str(root / "replay" / "model.safetensors"))
     assert_equal(one.params, two)
+    # the oracle in one process: the same global batch (accumulation 2), hence the same result
+    oracle = Trainer(retrain_config(root / "run", FORGET, tmp_path / "retrain"))
+    assert oracle.t.gradient_accumulation_steps == 2
+    oracle.train()
+    assert_equal({n: p.detach() for n, p in oracle.engine.trainable().items()}, two)
     assert not all(torch.equal(two[n], trained[n]) for n in trained)
     audit = json.loads((root / "replay" / "audit" / "audit_records.json").read_text())
     assert len(audit) == 1  # written once, by rank 0
@@ -108,3 +118,48 @@ def test_online_request_reaching_one_rank_is_applied_by_all(root, tmp_path):
     trainer._apply_requests = hook
     trainer.train()
     assert_equal({n: p.detach() for n, p in trainer.engine.trainable().items()}, w0)
+
+
+class _Rank(DataParallel):
+    """One of two simulated ranks: its reduction is the identity, the test adds the ranks' outputs."""
+
+    def sum(self, parts):
+        return parts
+
+
+@pytest.mark.parametrize("mode", ["exact", "GGN"])
+def test_data_parallel_shares_add_up_to_one_process(mode):
+    """What each rank evaluates (its share of the micro-batches) and reduces gives one process's
+    gradient and curvature products; the normaliser is applied once, after the reduction."""
+    torch.manual_seed(0)
+    model = TinyMLPLM()
+    data = make_dataset(8)
+    batches = [collate(data, [0, 1]), collate(data, [2, 3, 4]), collate(data, [5, 6])]
+    n = sum(count_supervised(b["labels"]) for b in batches)
+    names = [k for k, _ in model.named_parameters()]
+    params = to_compute(dict(model.named_parameters()))
+    vectors = {k: torch.randn(2, *p.shape) for k, p in params.items()}
+    one = FunctionalLM(model, names, dp=DataParallel())
+    ranks = [FunctionalLM(model, names, dp=_Rank(r, 2)) for r in (0, 1)]
+    assert [len(fl.dp.share(batches)) for fl in ranks] == [2, 1]  # the trainer's rank::world_size split
+    grads = [fl.grad_nll_sum(params, batches) for fl in ranks]
+    hvps = [make_hvp_backend(mode, fl).hvp(params, batches, n, vectors) for fl in ranks]
+    ref_g = one.grad_nll_sum(params, batches)
+    ref_h = make_hvp_backend(mode, one).hvp(params, batches, n, vectors)
+    for k in names:
+        torch.testing.assert_close(grads[0][k] + grads[1][k], ref_g[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(hvps[0][k] + hvps[1][k], ref_h[k], rtol=1e-5, atol=1e-6)
+
+
+def test_other_world_sizes_keep_the_recorded_global_batch():
+    from types import SimpleNamespace
+
+    from lmcleaner.train.distributed import DistributedConfigError, same_global_batch
+
+    t = SimpleNamespace(gradient_accumulation_steps=2)
+    same_global_batch(t, recorded_world_size=2, world_size=1)
+    assert t.gradient_accumulation_steps == 4  # 2 ranks x 2 micro-steps = 4 micro-steps in one process
+    t = SimpleNamespace(gradient_accumulation_steps=1)
+    with pytest.raises(DistributedConfigError, match="--nproc_per_node 2") as err:
+        same_global_batch(t, recorded_world_size=2, world_size=4)  # would leave two ranks without a batch
+    assert "\n" not in str(err.value)

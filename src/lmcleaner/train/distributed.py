@@ -62,10 +62,26 @@ def check_strategy(t) -> None:
                                      f"{hint}: choose one of {list(SHARDING)}")
 
 
-def _world_size() -> int:
+def launched_world_size() -> int:
+    """Processes the launcher started (``torchrun`` sets ``WORLD_SIZE``), before any accelerator exists."""
     import os
 
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def same_global_batch(t, recorded_world_size: int, world_size: int | None = None) -> None:
+    """Set ``t.gradient_accumulation_steps`` so that this launch's global batch is the recorded
+    one (the batch plan depends on ``accumulation x world size`` only); a one-line error when
+    the recorded number of micro-batches per step does not split evenly over the ranks."""
+    ws = launched_world_size() if world_size is None else world_size
+    micro = int(t.gradient_accumulation_steps) * int(recorded_world_size)
+    if ws == recorded_world_size:
+        return
+    if micro % ws:
+        raise DistributedConfigError(
+            f"the run was recorded on {recorded_world_size} ranks with {micro} micro-batches per step, which do not "
+            f"split over {ws} processes: launch with --nproc_per_node {recorded_world_size} (bit-exact) or 1")
+    t.gradient_accumulation_steps = micro // ws
 
 
 def fsdp_plugin(t):
@@ -93,7 +109,7 @@ def build_accelerator(t):
     from accelerate.utils import DistributedType
 
     check_strategy(t)
-    fsdp = t.distributed_strategy == "fsdp" and _world_size() > 1
+    fsdp = t.distributed_strategy == "fsdp" and launched_world_size() > 1
     state = AcceleratorState._shared_state
     if state and (state.get("_mixed_precision") not in (None, t.mixed_precision)
                   or (state.get("distributed_type") == DistributedType.FSDP) != fsdp):

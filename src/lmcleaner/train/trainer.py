@@ -370,7 +370,8 @@ class Trainer:
         if acc.is_main_process:
             ckpt.write_json_atomic(self.output_dir / "trainer_state.json",
                                    {**self.state.to_json(), "config": to_dict(self.config),
-                                    "dataset_fingerprint": self.dataset.fingerprint})
+                                    "dataset_fingerprint": self.dataset.fingerprint,
+                                    "world_size": acc.num_processes})
             telemetry.log_memory_usage(self.state.step)
             stats = _recorder_stats(self.recorder)
             if stats:
