@@ -1,8 +1,9 @@
 """FSDP2 (through Accelerate's plugin) on two CPU ranks over gloo.
 
 One launch (``scripts/two_rank_fsdp.py``) trains a recorded FSDP run with sharded checkpoints,
-resumes a copy of it from a mid-run checkpoint, trains the same run with DDP, and unlearns the
-FSDP log under torchrun (replay, LMCleaner, and the exact retrain).
+resumes a copy of it from a mid-run checkpoint, trains the same run with DDP, unlearns the FSDP
+log under torchrun (replay, LMCleaner, and the exact retrain), and runs it again with an online
+deletion request.
 """
 
 import json
@@ -54,7 +55,7 @@ def rel_error(x, oracle, original) -> float:
 def test_fsdp_trains_sharded_and_resumes_bit_exact(root):
     result = json.loads((root / "result.json").read_text())
     assert result["kinds"] == {"a": "DistributedType.FSDP", "b": "DistributedType.FSDP",
-                               "ddp": "DistributedType.MULTI_CPU"}
+                               "ddp": "DistributedType.MULTI_CPU", "online": "DistributedType.FSDP"}
     # resume checkpoints are per-rank safetensors parts + JSON: nothing gathered, nothing pickled
     ck = root / "a" / f"checkpoint-{RESUME_AT}"
     names = {p.name for p in ck.iterdir()}
@@ -108,3 +109,13 @@ def test_bad_strategy_is_a_one_line_error(tmp_path, override, match):
     with pytest.raises(ValueError, match=match) as err:  # ConfigError / DistributedConfigError
         Trainer(tiny_config(tmp_path, "training.distributed_strategy=fsdp", override))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_online_request_under_fsdp_ends_at_the_retrain(root):
+    """A request reaching rank 1 only, applied by replay before step 4 on sharded state, ends the
+    run bit for bit at the exact retrain; the anchor after the correction is sharded too."""
+    assert_equal(weights(root / "online" / "final_model"), weights(root / "retrain" / "final_model"))
+    anchors = list((root / "online" / "training_log" / "anchors").iterdir())
+    assert len(anchors) == 1 and (anchors[0] / "sharding.json").is_file()
+    assert (anchors[0] / "model-rank00001-of-00002.safetensors").is_file()

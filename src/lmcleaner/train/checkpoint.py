@@ -233,6 +233,7 @@ def _save_sharded(path: Path, params, optimizer, scheduler, trainer_state, ranks
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+    ranks.barrier()  # on return the checkpoint is in place for every rank
     return path
 
 

@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from itertools import chain
 from typing import Any
 
 import torch
 
+log = logging.getLogger("lmcleaner.training")
 STRATEGIES = ("ddp", "fsdp")
 # fsdp_sharding_strategy -> FSDP2 reshard_after_forward
 SHARDING = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}
@@ -110,6 +112,8 @@ def build_accelerator(t):
 
     check_strategy(t)
     fsdp = t.distributed_strategy == "fsdp" and launched_world_size() > 1
+    if t.distributed_strategy == "fsdp" and not fsdp:
+        log.info("training.distributed_strategy=fsdp in one process: nothing to shard, the model stays whole")
     state = AcceleratorState._shared_state
     if state and (state.get("_mixed_precision") not in (None, t.mixed_precision)
                   or (state.get("distributed_type") == DistributedType.FSDP) != fsdp):

@@ -5,7 +5,8 @@
 3. `ddp`: the same run with DDP, for comparison;
 4. the FSDP log unlearned under torchrun: `lmcleaner unlearn trainer=replay` and
    `trainer=LMCleanerSample`, and the exact retrain `lmcleaner retrain`;
-5. the error for a recorder storage mode FSDP cannot feed.
+5. `online`: run a again with a deletion request (queued on rank 1 only) applied online by replay;
+6. the error for a recorder storage mode FSDP cannot feed.
 Rank 0 writes result.json (losses and accelerator type of each run, exit codes, the error).
 """
 
@@ -19,6 +20,7 @@ from accelerate import Accelerator
 from lmcleaner.cli.main import main
 from lmcleaner.config import load_config
 from lmcleaner.train import Trainer, TrainingError
+from lmcleaner.unlearn.online import OnlineUnlearner
 from tests.unlearn.scripts.cli_unlearn import unlearn_with_cli
 
 out, resume_at, forget, *overrides = sys.argv[1:]
@@ -26,10 +28,19 @@ out = Path(out)
 acc = Accelerator(cpu=True)
 
 
-def train(name: str, *extra: str) -> tuple[list[float], str]:
+def train(name: str, *extra: str, request_at: int | None = None) -> tuple[list[float], str]:
     cfg = load_config(overrides=[*overrides, *extra, f"training.output_dir={out / name}"])
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, online_unlearner=OnlineUnlearner("replay"))
     assert trainer.accelerator.num_processes == 2
+    if request_at is not None:
+        real = trainer._apply_requests
+
+        def hook():
+            if trainer.accelerator.process_index == 1 and trainer.state.step == request_at:
+                trainer.request_forget([int(i) for i in forget.split(",")], request_id="r1")
+            real()
+
+        trainer._apply_requests = hook
     state = trainer.train()
     return [h["loss"] for h in state.history], str(trainer.accelerator.distributed_type)
 
@@ -45,6 +56,7 @@ losses["ddp"], kinds["ddp"] = train("ddp", "training.distributed_strategy=ddp")
 codes = unlearn_with_cli(out / "a", forget, out)
 codes["retrain"] = main(["retrain", f"unlearn.model_dir={out / 'a'}", f"unlearn.forget={forget}",
                          f"unlearn.output_dir={out / 'retrain'}"])
+losses["online"], kinds["online"] = train("online", "training.distributed_strategy=fsdp", request_at=4)
 try:
     train("heavy", "training.distributed_strategy=fsdp", "training_logger.storage=heavy")
     error = None
