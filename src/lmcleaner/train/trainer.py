@@ -255,7 +255,9 @@ class Trainer:
     def _apply_requests(self) -> None:
         if self.accelerator.is_main_process:  # one reader of the request file; _sync_requests shares it
             self._poll_request_file()
-        if self.accelerator.num_processes > 1:
+        # one small collective per step, only where requests can be served (the same on every rank);
+        # without an unlearner a request fails on the rank that got it, and torchrun stops the others
+        if self.accelerator.num_processes > 1 and (self.online_unlearner is not None or self.t.forget_request_file):
             self._sync_requests()
         while self._pending:
             req = self._pending.pop(0)
