@@ -80,9 +80,11 @@ class TrainingConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16
     save_precision: str = "float32"  # dtype of the exported model weights
     gradient_checkpointing: bool = False
-    distributed_strategy: str = "ddp"  # ddp | fsdp (multi-process via torchrun / accelerate launch)
+    # several processes (torchrun): ddp replicates the model; fsdp shards it with FSDP2 through Accelerate
+    # (sharded safetensors checkpoints, gathered export; recorder storage=light). One process ignores it.
+    distributed_strategy: str = "ddp"  # ddp | fsdp
     num_gpus: int = 0  # informational; the launcher decides the number of processes
-    fsdp_sharding_strategy: str = "FULL_SHARD"
+    fsdp_sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD (ZeRO-3) | SHARD_GRAD_OP (ZeRO-2)
     save_steps: int = 0  # 0: no intermediate checkpoints (the recorder may still ask for them)
     eval_steps: int = 0  # 0: no periodic eval
     save_total_limit: Optional[int] = None  # keep at most N checkpoints (the recorder's window is protected)

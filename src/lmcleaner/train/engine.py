@@ -22,6 +22,7 @@ import torch
 
 from ..data.collate import Collator
 from ..trajectory.types import StepRecord
+from . import distributed
 from .loss import token_nll_sum
 from .router import compute_router_auxiliary_loss
 
@@ -82,7 +83,12 @@ class Engine:
         return self.accelerator.unwrap_model(self.model)
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
+        """The live trainable parameters (``DTensor`` shards under FSDP)."""
         return {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+
+    def full_trainable(self) -> dict[str, torch.Tensor]:
+        """Detached full copies of the trainable parameters (a collective under FSDP)."""
+        return distributed.gather(self.trainable())
 
     def applied_lrs(self) -> list[float]:
         return [float(g["lr"]) for g in self.optimizer.param_groups]
@@ -146,7 +152,7 @@ def run_step(engine: Engine, step: int, epoch: int, micro_batches: list[list[int
         acc.unscale_gradients()
         grads = [p.grad for p in params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-    grad_norm = float(grad_norm)
+    grad_norm = float(distributed.full(grad_norm))  # FSDP: a replicated DTensor
     lrs = engine.applied_lrs()
     engine.optimizer.step()
     engine.scheduler.step()

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from ..train import checkpoint as ckpt
+from ..train import distributed as dist_utils
 from ..train.engine import Engine, NullObserver, run_step
 from .jsonl import TrajectoryLogError
 from .reader import TrajectoryLog
@@ -35,6 +36,7 @@ from .reconstruct import build_trainer, preserved_rng
 from . import restore
 from .restore import RestorePoint
 from .types import ReplayedStep, StepRecord
+from .writer import kept_micro_batches
 
 
 class ReplayMismatchError(TrajectoryLogError):
@@ -61,7 +63,8 @@ class CounterfactualResult:
 
 
 class _Capture(NullObserver):
-    """Copies the unclipped gradient (after backward, before clipping) and the step's batches."""
+    """Copies the unclipped gradient (after backward, before clipping; the whole step's,
+    all-reduced over ranks, gathered when sharded) and the step's batches."""
 
     def __init__(self, named: dict[str, torch.nn.Parameter], grads: bool):
         self.named, self.want_grads = named, grads
@@ -70,7 +73,8 @@ class _Capture(NullObserver):
 
     def on_after_backward(self, engine, step):
         if self.want_grads:
-            self.grads = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+            self.grads = {n: (dist_utils.full(p.grad.detach()).clone() if p.grad is not None
+                              else torch.zeros(p.shape, dtype=p.dtype, device=dist_utils.local(p).device))
                           for n, p in self.named.items()}
 
     def on_step_end(self, engine, record, batches):
@@ -155,16 +159,21 @@ class TrajectoryReplayer:
         return self.engine.trainable()
 
     def _params(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.engine.trainable().items()}
+        return self.engine.full_trainable()
 
     def _opt_state(self) -> dict[str, dict[str, torch.Tensor]]:
         opt = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
         out: dict[str, dict[str, torch.Tensor]] = {}
         for n, p in self.engine.trainable().items():
             st = opt.state.get(p, {})
-            out[n] = {k: (v.detach().clone() if torch.is_tensor(v) else torch.tensor(v))
+            out[n] = {k: (dist_utils.full(v.detach()).clone() if torch.is_tensor(v) else torch.tensor(v))
                       for k, v in st.items() if v is not None}
         return out
+
+    def _all_batches(self, rec: StepRecord) -> list[dict[str, torch.Tensor]]:
+        """Every micro-batch of the step, as one process trains it (a rank runs only its share)."""
+        e = self.engine
+        return [e.collator([e.dataset[i] for i in ids]) for ids in kept_micro_batches(rec)]
 
     def params_at(self, step: int) -> dict[str, torch.Tensor]:
         """``theta_step`` (trainable parameters, copies)."""
@@ -181,7 +190,9 @@ class TrajectoryReplayer:
         """``ReplayedStep`` for ``start..end-1`` (default: the whole window), replaying forward once.
 
         ``batches`` hold all micro-batches of the step as trained (excluded ids
-        removed); ``grad`` is the unclipped gradient of the step loss.
+        removed; every rank's, also when this replay runs on several ranks);
+        ``grad`` is the unclipped gradient of the step loss. Under several
+        processes every rank must iterate (the steps are collective).
         """
         lo, hi = self.log.window
         start = lo if start is None else start
@@ -198,7 +209,9 @@ class TrajectoryReplayer:
             state = self._opt_state() if opt_state else None
             cap = _Capture(named, grads)
             self._run(t, observer=cap)
-            yield ReplayedStep(record=self.log.record(t), params=params, batches=cap.batches,
+            rec = self.log.record(t)
+            batches = cap.batches if self.engine.world_size == 1 else self._all_batches(rec)
+            yield ReplayedStep(record=rec, params=params, batches=batches,
                                grad=cap.grads if grads else None, opt_state=state)
 
     # ------------------------------------------------------- counterfactual

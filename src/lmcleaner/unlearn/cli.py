@@ -77,6 +77,8 @@ def run(args) -> int:
     result = session.run(method, ids, fallback_to_replay=bool(ma.get("fallback_to_replay", True)), **args)
     out = Path(cfg.unlearn.output_dir) if cfg.unlearn.output_dir else session.run_dir / f"unlearned-{method}"
     session.save(result, out, ma.get("audit_dir"), apply=bool(ma.get("apply_immediately", True)))
+    if not session.is_main_process:  # under torchrun every rank computes, the main one reports
+        return 0
     if result.info.get("fallback_from"):
         print(f"lmcleaner unlearn: warning: {method} diverged (retain loss "
               f"{result.info['fallback_from']['retain_loss_after']:.3f}); the result is exact replay instead "

@@ -77,8 +77,10 @@ class UnlearnSession:
         self.tau = self.log.end
         self.spec = self.log.optimizer_spec
         # The methods evaluate losses functionally; give them their own module so
-        # replay (which mutates the engine's parameters) cannot interfere.
-        self.template = copy.deepcopy(self.trainer.engine.unwrapped)
+        # replay (which mutates the engine's parameters) cannot interfere. Under FSDP
+        # it is an unsharded copy (every rank: the sweep is data-parallel, not sharded).
+        acc = self.trainer.accelerator
+        self.template = self.trainer.plain_model(device=acc.device)
 
     # ------------------------------------------------------------ past steps
     def iter_steps(self, start: int, end: int):
@@ -197,21 +199,35 @@ class UnlearnSession:
         model.load_state_dict(params, strict=False)
         return model
 
+    @property
+    def is_main_process(self) -> bool:
+        return self.trainer.accelerator.is_main_process
+
     def save(self, result: UnlearnResult, out_dir: str | Path, audit_dir: str | Path | None = None,
              request_id: str | None = None, apply: bool = True) -> Path:
-        """Write the unlearned model (or only the correction) and the audit record."""
+        """Write the unlearned model (or only the correction) and the audit record.
+
+        Under several processes every rank calls it (recovering ``theta_tau`` is
+        collective) and only the main one writes; the others wait for it."""
         out_dir = Path(out_dir)
-        before = weights_fingerprint(self.replayer.state_at(self.tau)[0])
+        theta = self.replayer.state_at(self.tau)[0]
+        before = weights_fingerprint(theta)
         after = weights_fingerprint(result.params)
         if before == after:
             raise UnlearnError("the unlearned weights equal the original ones bit for bit: refusing to write a "
                                "no-op result (check the forget ids and the method)")
+        if self.is_main_process:
+            self._write(result, out_dir, audit_dir, request_id, apply, theta, before, after)
+        self.trainer.accelerator.wait_for_everyone()
+        return out_dir
+
+    def _write(self, result, out_dir: Path, audit_dir, request_id, apply: bool, theta, before: str,
+               after: str) -> None:
         if apply:
             export_model(self.model_with(result.params), self.trainer.tokenizer, out_dir,
                          self.trainer.t.save_precision)
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
-            theta = self.replayer.state_at(self.tau)[0]
             delta = {n: (result.params[n].float() - theta[n].float()).contiguous() for n in result.params}
             tmp = out_dir / "correction.safetensors.tmp"
             save_file(delta, str(tmp))
@@ -223,7 +239,6 @@ class UnlearnSession:
             "dataset_fingerprint": self.trainer.dataset.fingerprint, **_jsonable(result.info),
         }
         append_audit_record(Path(audit_dir) if audit_dir else out_dir / "audit", record)
-        return out_dir
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

@@ -15,13 +15,21 @@ it took in ``last_path`` (``"vmap"`` or ``"loop"``).
 
 Backends register themselves by name (``@register_backend``), one file per
 backend in this package; ``make_hvp_backend(mode, fl, ...)`` builds one.
+
+Backends that evaluate the model implement ``_product_sum``: the
+*unnormalised* product summed over the micro-batches they are given. The base
+class gives each process its share of the step's micro-batches
+(``fl.dp.share``), all-reduces the partial sums (``fl.dp.sum``, see
+``unlearn.functional``) and divides by the normaliser once, after the
+reduction, so several ranks give one process's numbers up to float summation
+order. Backends that do not look at the batches (``diag``) override ``_hvp``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Callable, Mapping
 from typing import Any, Union
 
@@ -49,6 +57,7 @@ class HVPBackend(ABC):
     """Curvature of the step loss times a batch of directions (see module doc)."""
 
     name: str = ""
+    fl: FunctionalLM
 
     def __init__(self) -> None:
         self.calls = 0  # batched calls
@@ -91,10 +100,19 @@ class HVPBackend(ABC):
             return None
         return self.row_seconds / seconds_per_grad_row
 
-    @abstractmethod
     def _hvp(
         self, params: Params, batches: list[Batch], normaliser: float, vectors: Params, step: int | None
-    ) -> Params: ...
+    ) -> Params:
+        dp = self.fl.dp
+        local = dp.share(batches)
+        total = self._product_sum(params, local, vectors) if local else None
+        if total is None:  # a rank without a micro-batch still takes part in the reduction
+            total = {n: torch.zeros_like(v) for n, v in vectors.items()}
+        return {n: t / normaliser for n, t in dp.sum(total).items()}
+
+    def _product_sum(self, params: Params, batches: list[Batch], vectors: Params) -> Params:
+        """Sum over ``batches`` (non-empty) of the unnormalised products with ``vectors``."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _product_sum nor _hvp")
 
     def _batched(self, fn: Callable[[Params], Params], vectors: Params) -> Params:
         """``vmap(fn)(vectors)``, or a loop over directions when vmap fails."""
