@@ -74,6 +74,7 @@ class TrainingConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     weight_decay: float = 0.0
+    weight_decay_exclude: list[str] = field(default_factory=list)  # parameter names trained without weight decay (HF Trainer's bias/norm rule; set by lmcleaner.integrations)
     max_grad_norm: float = 1.0  # <= 0 disables clipping
     scheduler: str = "cosine"  # cosine | linear | constant
     warmup_steps: int = 20

@@ -8,6 +8,10 @@ Supported record formats (``training_mode=instruction_finetuning``):
 - a list of fields (``text_field=[instruction, input, output]``): the last
   field is the response, the others form the prompt.
 ``pretraining``: one text field (``text`` by default), all tokens carry loss.
+Pre-tokenised (any mode, when ``text_field`` is not set): rows with
+``input_ids`` and ``labels`` (same length, -100 where no loss) are used as
+they are; this is how a Hugging Face ``Trainer`` run recorded by
+:mod:`lmcleaner.integrations` stores the exact examples it trained on.
 
 Rendering: the tokenizer's chat template when it has one. Otherwise the
 documented plain template::
@@ -37,6 +41,8 @@ class FormatError(ValueError):
 
 def detect_format(columns: list[str], text_field: Any, training_mode: str) -> Any:
     """Decide how to read records; raises FormatError naming the missing field."""
+    if not text_field and "input_ids" in columns and "labels" in columns:
+        return ("tokens", None)
     if training_mode == "pretraining":
         field = text_field or "text"
         if field not in columns:

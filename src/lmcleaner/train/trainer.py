@@ -50,6 +50,27 @@ class TrainingError(RuntimeError):
     pass
 
 
+def run_meta(config, engine: Engine, spec, total_steps: int, output_dir) -> dict[str, Any]:
+    """What the trajectory recorder writes into ``meta.json`` about a run (also used by
+    :mod:`lmcleaner.integrations` for Hugging Face ``Trainer`` runs)."""
+    t = config.training
+    return {
+        "config": to_dict(config),
+        "optimizer": spec.to_json(),
+        "dataset_fingerprint": engine.dataset.fingerprint,
+        "num_samples": len(engine.dataset),
+        "model_fingerprint": model_fingerprint(engine.trainable()),
+        "world_size": engine.world_size,
+        "batch_size": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "seed": t.seed,
+        "total_steps": total_steps,
+        # CPU kernels reduce in a thread-count-dependent order: replay needs the same count to be bit-exact.
+        "torch_num_threads": torch.get_num_threads(),
+        "output_dir": str(output_dir),
+    }
+
+
 def model_fingerprint(params: dict[str, torch.Tensor]) -> str:
     """Names, shapes and dtypes of the trainable parameters (architecture identity)."""
     import hashlib
@@ -137,21 +158,7 @@ class Trainer:
         return TrainingLogger(lcfg, log_dir)
 
     def run_meta(self) -> dict[str, Any]:
-        return {
-            "config": to_dict(self.config),
-            "optimizer": self.optimizer_spec.to_json(),
-            "dataset_fingerprint": self.dataset.fingerprint,
-            "num_samples": len(self.dataset),
-            "model_fingerprint": model_fingerprint(self.engine.trainable()),
-            "world_size": self.accelerator.num_processes,
-            "batch_size": self.t.batch_size,
-            "gradient_accumulation_steps": self.t.gradient_accumulation_steps,
-            "seed": self.t.seed,
-            "total_steps": self.state.total_steps,
-            # CPU kernels reduce in a thread-count-dependent order: replay needs the same count to be bit-exact.
-            "torch_num_threads": torch.get_num_threads(),
-            "output_dir": str(self.output_dir),
-        }
+        return run_meta(self.config, self.engine, self.optimizer_spec, self.state.total_steps, self.output_dir)
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self, reason: str) -> Path | None:

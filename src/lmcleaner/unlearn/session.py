@@ -106,6 +106,11 @@ class UnlearnSession:
         # The methods evaluate losses functionally; give them their own module so
         # replay (which mutates the engine's parameters) cannot interfere.
         self.template = copy.deepcopy(self.trainer.engine.unwrapped)
+        if getattr(self.template, "is_activation_checkpointing", False):
+            # Curvature runs under functional transforms, which checkpointing's input-grad hook breaks;
+            # checkpointing saves memory and does not change values.
+            self.template.activation_checkpointing_disable()
+            self.template.disable_input_require_grads()
 
     # ------------------------------------------------------------ requests
     def resolve(self, forget: Any) -> list[int]:
