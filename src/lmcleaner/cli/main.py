@@ -81,8 +81,8 @@ def cmd_lr_find(args) -> int:
         return _print_config(cfg)
     from ..train.lr_finder import find_lr
 
-    result = find_lr(cfg, start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.num_steps,
-                     plot_path=args.plot)
+    plot = args.plot or os.path.join(cfg.training.output_dir, "lr_find.png")
+    result = find_lr(cfg, start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.num_steps, plot_path=plot)
     print(json.dumps({k: v for k, v in result.items() if k not in ("lrs", "losses", "smoothed")}))
     return 0
 
@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-lr", type=float, default=1e-6)
     p.add_argument("--end-lr", type=float, default=1.0)
     p.add_argument("--num-steps", type=int, default=100)
-    p.add_argument("--plot", default="lr_find.png", help="PNG path for the loss-vs-LR plot")
+    p.add_argument("--plot", default=None, help="PNG path for the loss-vs-LR plot (default: "
+                                                "<training.output_dir>/lr_find.png)")
     p.set_defaults(func=cmd_lr_find)
     for name, module in PLUGINS.items():
         try:
@@ -120,27 +121,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Every one-line user-facing error in lmcleaner is a ValueError subclass (config, data,
+    checkpoint, log, forget set, unlearning request), or the trainer's TrainingError, which
+    can only be raised once the trainer module is loaded (not imported here: --help stays fast)."""
+    if os.environ.get("LMCLEANER_DEBUG"):
+        return ()
+    trainer = sys.modules.get("lmcleaner.train.trainer")
+    return (ValueError, FileNotFoundError, FileExistsError) + ((trainer.TrainingError,) if trainer else ())
+
+
 def main(argv: list[str] | None = None) -> int:
-    from ..train import TrainingError
-
-    parser = build_parser()
+    parser = build_parser()  # imports nothing heavy: --help and argument errors answer at once
     args = parser.parse_args(argv)
-    # transformers' per-shard save/load bars drown our own progress bars in a run's log
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    # Every one-line user-facing error in lmcleaner is a ValueError subclass
-    # (config, data, checkpoint, log, forget set, unlearning request).
-    # LMCLEANER_DEBUG=1 shows the traceback instead.
-    expected = (ValueError, FileNotFoundError, FileExistsError, TrainingError)
-    if os.environ.get("LMCLEANER_DEBUG"):
-        expected = ()
+    if not getattr(args, "print_config", False):
+        # transformers' per-shard save/load bars drown our own progress bars in a run's log
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    # LMCLEANER_DEBUG=1 shows the traceback instead of the one-line error.
     try:
         return int(args.func(args) or 0)
-    except expected as err:
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         print(f"lmcleaner {args.command}: error: {first}", file=sys.stderr)
         return 2

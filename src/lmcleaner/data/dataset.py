@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ..telemetry.progress import progress_bar
 
 from .formats import FormatError, detect_format, to_messages
 from .synthetic import generate_authors_qa
@@ -93,7 +93,7 @@ class TextDataset(torch.utils.data.Dataset):
             else:
                 self.examples = [
                     encode_record(tokenizer, to_messages(r, fmt), max_length)
-                    for r in tqdm(records, desc="tokenising", disable=not progress)
+                    for r in progress_bar(records, desc="tokenising", enabled=progress, leave=False)
                 ]
         except (FormatError, KeyError) as err:
             raise DataError(f"bad record format: {err}") from None

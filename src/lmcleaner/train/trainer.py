@@ -19,7 +19,6 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from .. import telemetry
 from ..config.loader import to_dict
@@ -48,6 +47,18 @@ def _recorder_stats(recorder) -> dict[str, float]:
 
 class TrainingError(RuntimeError):
     pass
+
+
+def _configured_unlearner(t) -> OnlineUnlearner | None:
+    """``training.online_unlearning.method=...`` (the command line's way to attach one)."""
+    oc = getattr(t, "online_unlearning", None)
+    if oc is None or not oc.method:
+        return None
+    from ..unlearn.online import OnlineUnlearner as Online
+    from ..unlearn.session import canonical_method
+
+    method = canonical_method(oc.method)  # a one-line error for an unknown name, before anything runs
+    return Online(method, K=oc.K, hessian_mode=oc.hessian_mode, damping=oc.damping)
 
 
 def run_meta(config, engine: Engine, spec, total_steps: int, output_dir) -> dict[str, Any]:
@@ -87,6 +98,9 @@ def _accelerator(mixed_precision: str) -> Accelerator:
     held by PartialState, is kept)."""
     from accelerate.state import AcceleratorState
 
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise TrainingError("training.mixed_precision=fp16 needs a GPU: on CPU it would silently train in float32; "
+                            "use training.mixed_precision=bf16 (CPU autocast) or no")
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") not in (None, mixed_precision):
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -98,7 +112,7 @@ class Trainer:
                  online_unlearner: OnlineUnlearner | None = None, accelerator: Accelerator | None = None):
         self.config = config
         self.t = config.training
-        self.online_unlearner = online_unlearner
+        self.online_unlearner = online_unlearner if online_unlearner is not None else _configured_unlearner(self.t)
         self._pending: list[dict] = []
         self.accelerator = accelerator or _accelerator(self.t.mixed_precision)
         set_seed(self.t.seed)
@@ -240,8 +254,9 @@ class Trainer:
             if bad:
                 raise TrainingError(f"deletion request {req['request_id']}: unknown sample ids {bad[:5]}")
             if self.online_unlearner is None:
-                raise TrainingError("a deletion request arrived but no online unlearner is attached "
-                                    "(pass Trainer(..., online_unlearner=lmcleaner.unlearn.OnlineUnlearner(...)))")
+                raise TrainingError("a deletion request arrived but no online unlearner is attached: set "
+                                    "training.online_unlearning.method=LMCleanerSample (or replay), or pass "
+                                    "Trainer(..., online_unlearner=lmcleaner.unlearn.OnlineUnlearner(...))")
             info = self.online_unlearner(self, ids, self.state.step) if ids else {}
             for i in ids:
                 self.state.excluded[i] = self.state.step
@@ -287,6 +302,9 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train(self) -> TrainState:
         acc = self.accelerator
+        if self.t.forget_request_file and self.online_unlearner is None:
+            raise TrainingError(f"training.forget_request_file={self.t.forget_request_file} needs an online "
+                                "unlearner: set training.online_unlearning.method=LMCleanerSample (or replay)")
         if self._resume_path is not None:
             self._resume()
         elif acc.is_main_process and self.output_dir.exists() and ckpt.list_checkpoints(self.output_dir):
@@ -295,8 +313,8 @@ class Trainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         owns_telemetry = self._start_telemetry()
-        bar = tqdm(total=self.state.total_steps, initial=self.state.step, desc="train",
-                   disable=not (self.t.progress_bar and acc.is_main_process), dynamic_ncols=True)
+        bar = telemetry.progress_bar(total=self.state.total_steps, initial=self.state.step, desc="train",
+                                     enabled=self.t.progress_bar and acc.is_main_process, unit="step")
         t0, tokens = time.perf_counter(), 0
         try:
             self.recorder.on_train_begin(self.engine, self.run_meta(), self.state.step)

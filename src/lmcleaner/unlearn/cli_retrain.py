@@ -63,6 +63,7 @@ def run(args) -> int:
     ids = resolve_forget_ids(cfg.unlearn.forget, rows)
     validate_ids(ids, len(rows))
     rcfg = retrain_config(run_dir, ids, out)
+    rcfg.training.progress_bar = cfg.training.progress_bar  # this command's display, not the recorded run's
     state = Trainer(rcfg, tokenizer=tok).train()
     print(json.dumps({"output_dir": str(out), "model_dir": str(out / "final_model"), "forget_ids": ids,
                       "steps": state.step}))

@@ -9,8 +9,12 @@ on their shared fields (e.g. TOFU's ``forget01.jsonl`` against ``full.jsonl``).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Sequence
+
+
+log = logging.getLogger("lmcleaner.unlearn")
 
 
 class ForgetSetError(ValueError):
@@ -37,12 +41,21 @@ def match_rows(rows: list[dict], training_rows: list[dict], where: str) -> list[
     index: dict[str, list[int]] = {}
     for i, r in enumerate(training_rows):
         index.setdefault(_row_key(r, fields), []).append(i)
-    ids = []
+    ids, several = [], []
     for n, r in enumerate(rows):
         hits = index.get(_row_key(r, fields))
         if not hits:
             raise ForgetSetError(f"{where}: row {n} matches no training row on fields {fields}")
+        if len(hits) > 1:
+            several.append(n)
         ids.extend(hits)
+    unique = len(set(ids))
+    if unique != len(rows):
+        repeated = len(rows) - len({_row_key(r, fields) for r in rows})
+        why = [f"{len(several)} rows match several identical training rows (e.g. row {several[0]}); every copy is "
+               "forgotten"] if several else []
+        why += [f"{repeated} rows repeat earlier ones"] if repeated else []
+        log.warning("%s: %d rows resolve to %d training sample ids: %s", where, len(rows), unique, "; ".join(why))
     return ids
 
 

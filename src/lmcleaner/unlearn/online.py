@@ -46,6 +46,7 @@ class OnlineUnlearner:
             return {"method": self.method, "note": "request before the first step: nothing learned yet"}
         recorder.flush(wait=True)
         session = UnlearnSession(log_dir=recorder.log_dir)
+        session.progress_leave = False  # inside the training bar
         used = [i for i in ids if session.log.steps_containing([i])]
         if not used:
             return {"method": self.method, "note": "samples not used yet: excluded from now on"}

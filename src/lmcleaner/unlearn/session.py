@@ -102,6 +102,7 @@ class UnlearnSession:
             raise UnlearnError(f"model fingerprint mismatch: the log at {self.log_dir} belongs to another "
                                "model/LoRA setup")
         self.tau = self.log.end
+        self.progress, self.progress_leave = True, True  # progress display of run() (steps replayed, ETA)
         self.spec = self.log.optimizer_spec
         # The methods evaluate losses functionally; give them their own module so
         # replay (which mutates the engine's parameters) cannot interfere.
@@ -159,7 +160,9 @@ class UnlearnSession:
             raise UnlearnError(f"samples {unused[:5]} were never used in a recorded training step: nothing to forget")
         if unused:
             log.info("samples %s were never used in a recorded step: nothing to unlearn for them", unused[:10])
-        with recorded_threads(self.log.meta.get("torch_num_threads")):
+        budget = self.tau - self.log.restore_point_for(self.log.steps_containing(used)[0]).step
+        with recorded_threads(self.log.meta.get("torch_num_threads")), \
+                self.replayer.progress(budget, f"unlearn {method}", self.progress, self.progress_leave):
             result = self._run_method(method, used, **kwargs)
             if fallback_to_replay and result.info.get("diverged"):
                 log.warning("%s diverged; falling back to exact replay", result.method)
