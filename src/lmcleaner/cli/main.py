@@ -24,7 +24,9 @@ common keys:
   training.dataset_name  "embedded" or a json/jsonl/csv/parquet path or a hub dataset
   training.{max_steps,num_epochs,batch_size,gradient_accumulation_steps,learning_rate,
             optimizer,scheduler,warmup_steps,max_grad_norm,mixed_precision,output_dir,
-            save_steps,eval_steps,resume_from_checkpoint,seed}
+            save_steps,eval_steps,resume_from_checkpoint,seed,text_field=[instruction,input,output]}
+  training.forget_request_file=FILE training.online_unlearning.{method=LMCleanerSample|replay,K}
+                       deletion requests appended to FILE while the run trains
   training_logger.{enabled,storage=light|heavy|diag,max_steps,checkpoint_interval,save_interval}
   lora.{enabled,r,alpha,target_modules}
 All keys and their documentation: lmcleaner.config.schema (or `lmcleaner train --print-config`)."""
@@ -131,6 +133,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, FileNotFoundError, FileExistsError) + ((trainer.TrainingError,) if trainer else ())
 
 
+def _quiet_library_bars() -> None:
+    """transformers' per-shard save/load bars and datasets' per-file bars drown lmcleaner's own
+    progress display (one bar with ETA, or plain lines in a log) under carriage-return redraws."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    else:
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()  # imports nothing heavy: --help and argument errors answer at once
     args = parser.parse_args(argv)
@@ -138,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if not getattr(args, "print_config", False):
-        # transformers' per-shard save/load bars drown our own progress bars in a run's log
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        _quiet_library_bars()
     # LMCLEANER_DEBUG=1 shows the traceback instead of the one-line error.
     try:
         return int(args.func(args) or 0)
