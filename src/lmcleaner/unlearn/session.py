@@ -160,7 +160,7 @@ class UnlearnSession:
             raise UnlearnError(f"samples {unused[:5]} were never used in a recorded training step: nothing to forget")
         if unused:
             log.info("samples %s were never used in a recorded step: nothing to unlearn for them", unused[:10])
-        budget = self.tau - self.log.restore_point_for(self.log.steps_containing(used)[0]).step
+        budget = self._replay_budget(used)
         with recorded_threads(self.log.meta.get("torch_num_threads")), \
                 self.replayer.progress(budget, f"unlearn {method}", self.progress, self.progress_leave):
             result = self._run_method(method, used, **kwargs)
@@ -174,6 +174,15 @@ class UnlearnSession:
                 result.info["grad_equivalents_total"] += first["grad_equivalents_total"] or 0.0
         result.info["unused_ids"] = unused
         return result
+
+    def _replay_budget(self, ids: list[int]) -> int:
+        """Steps a method replays at most: from the restore point before the first use to tau."""
+        from ..trajectory import TrajectoryLogError
+
+        try:
+            return self.tau - self.log.restore_point_for(self.log.steps_containing(ids)[0]).step
+        except TrajectoryLogError:  # the method itself reports it, with its own context
+            return self.tau
 
     def _run_method(self, method: str, ids: list[int], K: int = 800, hessian_mode: str = "exact",
                     damping: float = 1e-4, lr: float = 1e-4, steps: int = 5, **extra: Any) -> UnlearnResult:
