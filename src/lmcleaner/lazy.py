@@ -9,7 +9,8 @@ torch/transformers (seconds), and several packages import each other
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def lazy_exports(package: str, table: dict[str, str], namespace: dict[str, Any]) -> tuple[Callable, Callable]:

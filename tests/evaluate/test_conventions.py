@@ -97,11 +97,12 @@ def test_one_scored_token_and_guards():
 
 def test_eval_writes_open_unlearning_files(tmp_path):
     """End to end on a tiny model: zlib over the decoded supervised tokens, TOFU key names, plots."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from lmcleaner.data import embedded_tokenizer
     from lmcleaner.evaluate import EvalData, evaluate_models
-    from lmcleaner.evaluate.scoring import encode_pairs
     from lmcleaner.evaluate.mia import zlib_length
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from lmcleaner.evaluate.scoring import encode_pairs
 
     tok = embedded_tokenizer()
     torch.manual_seed(0)

@@ -15,15 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmcleaner.cli.main import main
+from lmcleaner.data import embedded_tokenizer, load_records
+from lmcleaner.evaluate.compare import relative_error
+from lmcleaner.evaluate.fidelity import kl_to_oracle
+from lmcleaner.integrations import RecordingError, TrajectoryCallback, recording
+from lmcleaner.unlearn.session import UnlearnSession
+
 datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
-
-from lmcleaner.cli.main import main  # noqa: E402
-from lmcleaner.data import embedded_tokenizer, load_records  # noqa: E402
-from lmcleaner.evaluate.compare import relative_error  # noqa: E402
-from lmcleaner.evaluate.fidelity import kl_to_oracle  # noqa: E402
-from lmcleaner.integrations import RecordingError, TrajectoryCallback, recording  # noqa: E402
-from lmcleaner.unlearn.session import UnlearnSession  # noqa: E402
 
 FORGET = [3, 10]
 # LMCleanerSample (exact HVP, full window) against the replay oracle on these runs, measured:
@@ -79,9 +79,9 @@ def sft_dataset():
     return datasets.Dataset.from_list(sft_rows())
 
 
-COMMON = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=8, learning_rate=3e-3,
-              warmup_steps=2, weight_decay=0.01, max_grad_norm=1.0, logging_steps=100, save_strategy="no",
-              report_to=[], seed=0, use_cpu=True, disable_tqdm=True)
+COMMON = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 8,
+          "learning_rate": 3e-3, "warmup_steps": 2, "weight_decay": 0.01, "max_grad_norm": 1.0, "logging_steps": 100,
+          "save_strategy": "no", "report_to": [], "seed": 0, "use_cpu": True, "disable_tqdm": True}
 
 
 def hf_trainer(tok, out, record_dir, exclude=(), **args):

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from ..telemetry.progress import progress_bar
 
+from ..telemetry.progress import progress_bar
 from .formats import FormatError, detect_format, to_messages
 from .synthetic import generate_authors_qa
 from .tokenize import encode_record

@@ -111,8 +111,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def build_data(args: argparse.Namespace) -> "EvalData":  # noqa: F821
-    """The :class:`EvalData` named by ``--data`` (and its companion options)."""
+def build_data(args: argparse.Namespace):
+    """The :class:`~lmcleaner.evaluate.EvalData` named by ``--data`` (and its companion options)."""
     from .data import EvalData, EvalDataError
 
     spec = args.data

@@ -20,9 +20,9 @@ import warnings
 from typing import Sequence
 
 import torch
-from ..telemetry.progress import progress_bar
 
 from ..data import encode_prompt, prompt_text
+from ..telemetry.progress import progress_bar
 from .scoring import model_device, pad_id
 
 END_OF_TURN_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|eot|>")

@@ -48,6 +48,11 @@ def _probs(losses: list) -> list:
     return [math.exp(-l) if _num(l) is not None else None for l in losses]
 
 
+def _negated(xs: list) -> list:
+    """open-unlearning's attack scores are non-membership scores (ours negated); the AUC is the same number."""
+    return [-x if _num(x) is not None else None for x in xs]
+
+
 def tofu_eval(per_split: dict[str, dict], summary: dict[str, Any]) -> dict[str, dict]:
     """``TOFU_EVAL.json`` content for one model."""
     out: dict[str, dict] = {}
@@ -95,11 +100,9 @@ def tofu_eval(per_split: dict[str, dict], summary: dict[str, Any]) -> dict[str, 
             if col not in forget:
                 continue
             auc = _num(summary.get(f"mia_auc_{attack}"))
-            # open-unlearning's scores are non-membership scores (ours negated); the AUC is the same number
-            neg = lambda xs: [-x if _num(x) is not None else None for x in xs]  # noqa: E731
             out[key] = {"agg_value": auc, "auc": auc,
-                        "forget": {"value_by_index": _by_index(forget["ids"], score=neg(forget[col]))},
-                        "holdout": {"value_by_index": _by_index(holdout["ids"], score=neg(holdout[col]))}}
+                        "forget": {"value_by_index": _by_index(forget["ids"], score=_negated(forget[col]))},
+                        "holdout": {"value_by_index": _by_index(holdout["ids"], score=_negated(holdout[col]))}}
     for key in ("forget_quality", "model_utility", "privleak"):
         put(key, summary.get(key))
     return out

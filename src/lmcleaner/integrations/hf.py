@@ -271,6 +271,7 @@ class _Recording:
     # ----------------------------------------------------------- config
     def build_config(self, max_steps: int):
         from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
 
         from ..config import load_config
         from ..config.loader import ConfigError, validate
@@ -321,7 +322,7 @@ class _Recording:
             validate(cfg)
         except ConfigError as err:
             raise RecordingError(f"training_logger: {err}") from None
-        except Exception as err:  # OmegaConf validation of a user override
+        except OmegaConfBaseException as err:  # a user override OmegaConf rejects (unknown key, wrong type)
             raise RecordingError(f"bad training_logger override: {str(err).splitlines()[0]}") from None
         return cfg
 
@@ -596,7 +597,7 @@ class LMCleanerRecorderMixin:
 _Mixin = LMCleanerRecorderMixin
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def recording(trainer_cls: type) -> type:
     """``trainer_cls`` with the recorder mixed in, e.g. ``recording(trl.SFTTrainer)(..., record_dir=...)``."""
     if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, Trainer)):

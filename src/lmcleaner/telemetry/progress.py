@@ -13,6 +13,7 @@ plain lines every few percent otherwise).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -95,7 +96,7 @@ class PlainProgress:
             self.update(1)
         self.close()
 
-    def __enter__(self) -> "PlainProgress":
+    def __enter__(self) -> PlainProgress:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -152,9 +153,9 @@ class PlainProgress:
 
 
 def _clock(seconds: float) -> str:
-    if seconds != seconds or seconds == float("inf"):  # NaN / unknown
+    if not math.isfinite(seconds):  # no rate yet
         return "?"
-    s = int(round(seconds))
+    s = round(seconds)
     h, rem = divmod(s, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

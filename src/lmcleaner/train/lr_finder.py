@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ..telemetry.progress import progress_bar
 
+from ..telemetry.progress import progress_bar
 from .engine import run_step
 from .hooks import NullRecorder
 from .trainer import Trainer

@@ -69,9 +69,10 @@ def linear_module_names(model) -> list[str]:
 
 def default_lora_targets(model) -> list[str] | str:
     """peft's known targets for the model type, else every linear layer."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as KNOWN
+    from peft.utils import constants
 
-    known = KNOWN.get(getattr(getattr(model, "config", None), "model_type", None))
+    table = constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    known = table.get(getattr(getattr(model, "config", None), "model_type", None))
     return list(known) if known else "all-linear"
 
 

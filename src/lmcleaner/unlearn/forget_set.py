@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-
 log = logging.getLogger("lmcleaner.unlearn")
 
 
@@ -30,6 +29,10 @@ def _ints(values: Sequence[Any], where: str) -> list[int]:
 
 def _row_key(row: dict, fields: list[str]) -> str:
     return json.dumps([row.get(f) for f in fields], sort_keys=True, default=str)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def match_rows(rows: list[dict], training_rows: list[dict], where: str) -> list[int]:
@@ -50,12 +53,13 @@ def match_rows(rows: list[dict], training_rows: list[dict], where: str) -> list[
             several.append(n)
         ids.extend(hits)
     unique = len(set(ids))
-    if unique != len(rows):
-        repeated = len(rows) - len({_row_key(r, fields) for r in rows})
-        why = [f"{len(several)} rows match several identical training rows (e.g. row {several[0]}); every copy is "
-               "forgotten"] if several else []
-        why += [f"{repeated} rows repeat earlier ones"] if repeated else []
-        log.warning("%s: %d rows resolve to %d training sample ids: %s", where, len(rows), unique, "; ".join(why))
+    repeated = len(rows) - len({_row_key(r, fields) for r in rows})
+    if several or repeated:
+        why = [(f"rows matching several identical training rows: {len(several)} (e.g. row {several[0]}; every "
+                "copy is forgotten)")] if several else []
+        why += [f"rows repeating earlier ones: {repeated}"] if repeated else []
+        log.warning("%s: %s %s to %s: %s", where, _n(len(rows), "row"), "resolves" if len(rows) == 1 else "resolve",
+                    _n(unique, "training sample id"), "; ".join(why))
     return ids
 
 
