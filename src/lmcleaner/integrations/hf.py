@@ -602,7 +602,8 @@ def recording(trainer_cls: type) -> type:
     """``trainer_cls`` with the recorder mixed in, e.g. ``recording(trl.SFTTrainer)(..., record_dir=...)``."""
     if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, Trainer)):
         raise TypeError(f"recording() needs a transformers.Trainer subclass, got {trainer_cls!r}")
-    for name in ("_get_grad_norm", "training_step", "compute_loss", "create_scheduler", "get_train_dataloader"):
+    for name in ("_get_grad_norm", "training_step", "compute_loss", "create_scheduler", "get_train_dataloader",
+                 "loss_is_scaled_for_ga"):  # without the last, the Trainer divides our step loss by the accumulation
         if not hasattr(trainer_cls, name):
             raise RecordingError(f"{trainer_cls.__name__} has no {name}(): this transformers version is not supported "
                                  "by the recorder (tested with transformers 5.x)")
