@@ -108,7 +108,7 @@ def compare_methods(session, ids: list[int], grid: Grid, oracle: dict[str, torch
     ``holdout_items``) to the oracle's. Cost: gradient-equivalents and wall time,
     each also as a ratio to exact replay's in the same run.
     ``on_result(name, UnlearnResult)`` sees each result (e.g. to export it)."""
-    from tqdm.auto import tqdm
+    from ..telemetry.progress import progress_bar
 
     theta = session.replayer.state_at(session.tau)[0]
     pad_id = session.trainer.dataset.pad_token_id
@@ -129,7 +129,9 @@ def compare_methods(session, ids: list[int], grid: Grid, oracle: dict[str, torch
                  "steps_touched": 0, "diverged": False, "estimated_error": None}
     rows = [dict(untouched)] if do_nothing_row else []
     replay_cost, replay_seconds = None, None
-    for method, kw in tqdm(list(grid), desc="methods", disable=not progress):
+    saved = session.progress, session.progress_leave
+    session.progress, session.progress_leave = progress, False  # per-method bars are transient: this one stays
+    for method, kw in progress_bar(list(grid), desc="unlearning methods", enabled=progress, unit="method"):
         res = session.run(method, ids, **kw)
         name = row_name_of(method, kw)
         model = session.model_with(res.params)
@@ -146,6 +148,7 @@ def compare_methods(session, ids: list[int], grid: Grid, oracle: dict[str, torch
         })
         if on_result is not None:
             on_result(name, res)
+    session.progress, session.progress_leave = saved
     for r in rows:
         r["replay_seconds"] = replay_seconds
         r["cost_vs_replay"] = r["grad_equivalents"] / replay_cost if replay_cost else None

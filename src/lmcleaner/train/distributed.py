@@ -111,6 +111,9 @@ def build_accelerator(t):
     from accelerate.utils import DistributedType
 
     check_strategy(t)
+    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise DistributedConfigError("training.mixed_precision=fp16 needs a GPU: on CPU it would silently train in "
+                                     "float32; use training.mixed_precision=bf16 (CPU autocast) or no")
     fsdp = t.distributed_strategy == "fsdp" and launched_world_size() > 1
     if t.distributed_strategy == "fsdp" and not fsdp:
         log.info("training.distributed_strategy=fsdp in one process: nothing to shard, the model stays whole")

@@ -105,6 +105,29 @@ def _wants_router_logits(model) -> bool:
     return bool(cfg is not None and (getattr(cfg, "num_local_experts", 0) or getattr(cfg, "num_experts", 0)))
 
 
+def micro_batch_loss(model, batch: dict, device, normaliser: int, world_size: int, n_micro: int,
+                     router: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, NLL sum) of one micro-batch: ``NLL * world_size / N``.
+
+    ``N`` is the whole step's supervised-token count. ``router``: the training
+    config when router auxiliary losses are added (MoE), else None. Shared
+    with :mod:`lmcleaner.integrations` so a recorded Hugging Face ``Trainer``
+    step computes exactly what a replayed step computes.
+    """
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    if router is not None:
+        inputs["output_router_logits"] = True
+    out = model(**inputs, use_cache=False)
+    nll = token_nll_sum(out.logits, batch["labels"].to(device))
+    # DDP averages over ranks; multiplying by the world size turns that into a sum.
+    loss = nll * (world_size / normaliser) if normaliser > 0 else nll * 0.0
+    if router is not None and getattr(out, "router_logits", None) is not None:
+        aux = compute_router_auxiliary_loss(out.router_logits, router.load_balance_coef, router.auxiliary_coef,
+                                            router.z_loss_coef)["total"]
+        loss = loss + aux * (world_size / n_micro)
+    return loss, nll
+
+
 def run_step(engine: Engine, step: int, epoch: int, micro_batches: list[list[int]],
              excluded: set[int] | frozenset = frozenset(), observer: StepObserver = NullObserver()) -> StepRecord:
     """Run optimizer step ``step`` on the given global micro-batches."""
@@ -128,18 +151,8 @@ def run_step(engine: Engine, step: int, epoch: int, micro_batches: list[list[int
         is_last = m == len(mine) - 1
         ctx = acc.no_sync(engine.model) if (ws > 1 and not is_last) else _nullcontext()
         with ctx:
-            inputs = {"input_ids": batch["input_ids"].to(acc.device),
-                      "attention_mask": batch["attention_mask"].to(acc.device)}
-            if router:
-                inputs["output_router_logits"] = True
-            out = engine.model(**inputs, use_cache=False)
-            nll = token_nll_sum(out.logits, batch["labels"].to(acc.device))
-            # DDP averages over ranks; multiplying by the world size turns that into a sum.
-            loss = nll * (ws / normaliser) if normaliser > 0 else nll * 0.0
-            if router and getattr(out, "router_logits", None) is not None:
-                aux = compute_router_auxiliary_loss(out.router_logits, t.load_balance_coef, t.auxiliary_coef,
-                                                    t.z_loss_coef)["total"]
-                loss = loss + aux * (ws / len(mine))
+            loss, nll = micro_batch_loss(engine.model, batch, acc.device, normaliser, ws, len(mine),
+                                         t if router else None)
             acc.backward(loss)
         nll_total += nll.detach().double().cpu()
 

@@ -19,7 +19,6 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from .. import telemetry
 from ..config.loader import to_dict
@@ -51,6 +50,39 @@ class TrainingError(RuntimeError):
     pass
 
 
+def _configured_unlearner(t) -> OnlineUnlearner | None:
+    """``training.online_unlearning.method=...`` (the command line's way to attach one)."""
+    oc = getattr(t, "online_unlearning", None)
+    if oc is None or not oc.method:
+        return None
+    from ..unlearn.online import OnlineUnlearner as Online
+    from ..unlearn.session import canonical_method
+
+    method = canonical_method(oc.method)  # a one-line error for an unknown name, before anything runs
+    return Online(method, K=oc.K, hessian_mode=oc.hessian_mode, damping=oc.damping)
+
+
+def run_meta(config, engine: Engine, spec, total_steps: int, output_dir) -> dict[str, Any]:
+    """What the trajectory recorder writes into ``meta.json`` about a run (also used by
+    :mod:`lmcleaner.integrations` for Hugging Face ``Trainer`` runs)."""
+    t = config.training
+    return {
+        "config": to_dict(config),
+        "optimizer": spec.to_json(),
+        "dataset_fingerprint": engine.dataset.fingerprint,
+        "num_samples": len(engine.dataset),
+        "model_fingerprint": model_fingerprint(engine.trainable()),
+        "world_size": engine.world_size,
+        "batch_size": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "seed": t.seed,
+        "total_steps": total_steps,
+        # CPU kernels reduce in a thread-count-dependent order: replay needs the same count to be bit-exact.
+        "torch_num_threads": torch.get_num_threads(),
+        "output_dir": str(output_dir),
+    }
+
+
 def model_fingerprint(params: dict[str, torch.Tensor]) -> str:
     """Names, shapes and dtypes of the trainable parameters (architecture identity)."""
     import hashlib
@@ -66,7 +98,7 @@ class Trainer:
                  online_unlearner: OnlineUnlearner | None = None, accelerator: Accelerator | None = None):
         self.config = config
         self.t = config.training
-        self.online_unlearner = online_unlearner
+        self.online_unlearner = online_unlearner if online_unlearner is not None else _configured_unlearner(self.t)
         self._pending: list[dict] = []
         self.accelerator = accelerator or distributed.build_accelerator(self.t)
         set_seed(self.t.seed)
@@ -150,21 +182,7 @@ class Trainer:
         return TrainingLogger(lcfg, log_dir)
 
     def run_meta(self) -> dict[str, Any]:
-        return {
-            "config": to_dict(self.config),
-            "optimizer": self.optimizer_spec.to_json(),
-            "dataset_fingerprint": self.dataset.fingerprint,
-            "num_samples": len(self.dataset),
-            "model_fingerprint": model_fingerprint(self.engine.trainable()),
-            "world_size": self.accelerator.num_processes,
-            "batch_size": self.t.batch_size,
-            "gradient_accumulation_steps": self.t.gradient_accumulation_steps,
-            "seed": self.t.seed,
-            "total_steps": self.state.total_steps,
-            # CPU kernels reduce in a thread-count-dependent order: replay needs the same count to be bit-exact.
-            "torch_num_threads": torch.get_num_threads(),
-            "output_dir": str(self.output_dir),
-        }
+        return run_meta(self.config, self.engine, self.optimizer_spec, self.state.total_steps, self.output_dir)
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self, reason: str) -> Path | None:
@@ -266,8 +284,9 @@ class Trainer:
             if bad:
                 raise TrainingError(f"deletion request {req['request_id']}: unknown sample ids {bad[:5]}")
             if self.online_unlearner is None:
-                raise TrainingError("a deletion request arrived but no online unlearner is attached "
-                                    "(pass Trainer(..., online_unlearner=lmcleaner.unlearn.OnlineUnlearner(...)))")
+                raise TrainingError("a deletion request arrived but no online unlearner is attached: set "
+                                    "training.online_unlearning.method=LMCleanerSample (or replay), or pass "
+                                    "Trainer(..., online_unlearner=lmcleaner.unlearn.OnlineUnlearner(...))")
             info = self.online_unlearner(self, ids, self.state.step) if ids else {}
             for i in ids:
                 self.state.excluded[i] = self.state.step
@@ -313,6 +332,9 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train(self) -> TrainState:
         acc = self.accelerator
+        if self.t.forget_request_file and self.online_unlearner is None:
+            raise TrainingError(f"training.forget_request_file={self.t.forget_request_file} needs an online "
+                                "unlearner: set training.online_unlearning.method=LMCleanerSample (or replay)")
         if self._resume_path is not None:
             self._resume()
         elif acc.is_main_process and self.output_dir.exists() and ckpt.list_checkpoints(self.output_dir):
@@ -321,8 +343,8 @@ class Trainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         owns_telemetry = self._start_telemetry()
-        bar = tqdm(total=self.state.total_steps, initial=self.state.step, desc="train",
-                   disable=not (self.t.progress_bar and acc.is_main_process), dynamic_ncols=True)
+        bar = telemetry.progress_bar(total=self.state.total_steps, initial=self.state.step, desc="train",
+                                     enabled=self.t.progress_bar and acc.is_main_process, unit="step")
         t0, tokens = time.perf_counter(), 0
         try:
             self.recorder.on_train_begin(self.engine, self.run_meta(), self.state.step)

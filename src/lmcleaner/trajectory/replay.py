@@ -91,6 +91,7 @@ class TrajectoryReplayer:
         self._pos: int | None = None  # the step whose theta the engine holds (None: unknown)
         self._origin: RestorePoint | None = None  # where that state was restored from
         self.steps_run = 0  # training steps executed so far (cost accounting)
+        self.bar = None  # the progress display of the current long operation (see progress())
         self._schedule_total = int(self.log.meta.get("total_steps", 0))  # what the rebuilt scheduler was built for
 
     @property
@@ -138,6 +139,8 @@ class TrajectoryReplayer:
                            observer or NullObserver())
         self.steps_run += 1
         self._pos = t + 1
+        if self.bar is not None:
+            self.bar.update(1)
         if self.verify and not extra:
             self._check(rec, out)
         return out
@@ -153,6 +156,21 @@ class TrajectoryReplayer:
             raise ReplayMismatchError(
                 f"step {rec.step}: replayed {name} {b!r} != recorded {a!r}; the replay environment differs "
                 "(torch version, thread count, hardware) or the checkpoints do not belong to this log")
+
+    @contextmanager
+    def progress(self, total: int, desc: str, enabled: bool = True, leave: bool = True) -> Iterator[Any]:
+        """Count every replayed step of the enclosed operation on one progress display (bar + ETA)."""
+        from ..telemetry.progress import progress_bar
+
+        bar = progress_bar(total=max(int(total), 1), desc=desc, enabled=enabled, leave=leave, unit="step")
+        outer, self.bar = self.bar, bar
+        try:
+            yield bar
+        finally:
+            self.bar = outer
+            if bar.total and bar.n < bar.total:  # the operation replayed fewer steps than budgeted: it is done
+                bar.total = bar.n
+            bar.close()
 
     # ------------------------------------------------------------- reading
     def named_parameters(self) -> dict[str, torch.nn.Parameter]:

@@ -66,6 +66,7 @@ def run(args) -> int:
     ids = resolve_forget_ids(cfg.unlearn.forget, rows)
     validate_ids(ids, len(rows))
     rcfg = retrain_config(run_dir, ids, out)
+    rcfg.training.progress_bar = cfg.training.progress_bar  # this command's display, not the recorded run's
     trainer = Trainer(rcfg, tokenizer=tok)
     state = trainer.train()
     if not trainer.accelerator.is_main_process:  # under torchrun the main process reports

@@ -63,6 +63,7 @@ class OnlineUnlearner:
         # main one has just flushed the log they all read, and they compute the correction together.
         trainer.accelerator.wait_for_everyone()
         session = UnlearnSession(log_dir=recorder.log_dir)
+        session.progress_leave = False  # inside the training bar
         used = [i for i in ids if session.log.steps_containing([i])]
         if not used:
             return {"method": self.method, "note": "samples not used yet: excluded from now on"}

@@ -75,12 +75,18 @@ class UnlearnSession:
             raise UnlearnError(f"model fingerprint mismatch: the log at {self.log_dir} belongs to another "
                                "model/LoRA setup")
         self.tau = self.log.end
+        self.progress, self.progress_leave = True, True  # progress display of run() (steps replayed, ETA)
         self.spec = self.log.optimizer_spec
         # The methods evaluate losses functionally; give them their own module so
         # replay (which mutates the engine's parameters) cannot interfere. Under FSDP
         # it is an unsharded copy (every rank: the sweep is data-parallel, not sharded).
         acc = self.trainer.accelerator
         self.template = self.trainer.plain_model(device=acc.device)
+        if getattr(self.template, "is_activation_checkpointing", False):
+            # Curvature runs under functional transforms, which checkpointing's input-grad hook breaks;
+            # checkpointing saves memory and does not change values.
+            self.template.activation_checkpointing_disable()
+            self.template.disable_input_require_grads()
 
     # ------------------------------------------------------------ past steps
     def iter_steps(self, start: int, end: int):
@@ -151,7 +157,9 @@ class UnlearnSession:
             raise UnlearnError(f"samples {unused[:5]} were never used in a recorded training step: nothing to forget")
         if unused:
             log.info("samples %s were never used in a recorded step: nothing to unlearn for them", unused[:10])
-        with recorded_threads(self.log.meta.get("torch_num_threads")):
+        budget = self._replay_budget(used)
+        with recorded_threads(self.log.meta.get("torch_num_threads")), \
+                self.replayer.progress(budget, f"unlearn {cls.name}", self.progress, self.progress_leave):
             result = cls().run(self, used, cfg)
             est = result.info.get("estimated_error")
             if est is not None and est >= 1.0:  # its own estimate says: no better than doing nothing
@@ -168,6 +176,15 @@ class UnlearnSession:
                 result.info["grad_equivalents_total"] += first["grad_equivalents_total"] or 0.0
         result.info["unused_ids"] = unused
         return result
+
+    def _replay_budget(self, ids: list[int]) -> int:
+        """Steps a method replays at most: from the restore point before the first use to tau."""
+        from ..trajectory import TrajectoryLogError
+
+        try:
+            return self.tau - self.log.restore_point_for(self.log.steps_containing(ids)[0]).step
+        except TrajectoryLogError:  # the method itself reports it, with its own context
+            return self.tau
 
     @torch.no_grad()
     def retain_loss(self, params: dict[str, torch.Tensor], ids: list[int]) -> float:
