@@ -10,7 +10,8 @@ Regimes (DESIGN §3):
 
 - ``--regime old``: one epoch over the data; the forgotten samples are used
   once each, early (from step 5% of the run on): an old request in a long run;
-- ``--regime recent``: one epoch; the samples are used in the last 3-5% of steps;
+- ``--regime recent``: one epoch; the samples are used about 10% before the end
+  (later, a cosine schedule has almost no learning rate left: nothing was learned);
 - ``--regime recurring``: ``--epochs`` (3) epochs; random samples, used every epoch.
 
 ``--init pretrained`` (default) fine-tunes the project's own pretrained base
@@ -74,7 +75,9 @@ def pick_forget(trainer, args) -> list[int]:
     if args.regime == "recurring":
         g = torch.Generator().manual_seed(args.seed)
         return sorted(torch.randperm(len(trainer.dataset), generator=g)[:n].tolist())
-    start = max(1, round(0.05 * steps)) if args.regime == "old" else steps - max(n + 1, round(0.04 * steps))
+    # recent: 10-12% before the end, where a cosine schedule still has ~3% of its peak rate (in the last
+    # few steps it has almost none: the samples would barely have been learned)
+    start = max(1, round(0.05 * steps)) if args.regime == "old" else steps - max(n + 1, round(0.12 * steps))
     g = torch.Generator().manual_seed(args.seed)
     ids = []
     for k in range(n):  # one sample from each of n consecutive batches

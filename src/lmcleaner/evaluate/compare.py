@@ -120,7 +120,8 @@ def compare_methods(session, ids: list[int], grid: Grid, oracle: dict[str, torch
     def fn_space(model) -> dict[str, Any]:
         kl = _mean_kl(model, oracle_model, forget_items, pad_id)
         auc_m = _mia_auc(model, forget_items, holdout_items, pad_id)
-        return {"kl_forget": kl, "kl_forget_ratio": (kl / kl0) if (kl is not None and kl0) else None,
+        # below 1e-9 nats the untouched model's KL is rounding noise: no ratio
+        return {"kl_forget": kl, "kl_forget_ratio": (kl / kl0) if (kl is not None and kl0 and kl0 > 1e-9) else None,
                 "kl_retain": _mean_kl(model, oracle_model, retain_items, pad_id), "mia_auc": auc_m,
                 "mia_gap": abs(auc_m - auc_oracle) if (auc_m is not None and auc_oracle is not None) else None}
 
