@@ -78,6 +78,12 @@ def test_linear_propagation_estimate_tracks_the_truth(old):
     res = s.run("LMCleanerSampleLevel", ids)
     err = rel_error(res.params, theta, oracle)
     assert err < 0.3 and res.info["estimated_error"] is not None and res.info["estimated_error"] < 0.3
+    assert res.info["estimate_parts"]["truncation"] == 0.0  # the full window reaches tau
+    # cut after 3 steps, the deviation was still moving: the truncation term says the error is large
+    short = s.run("LMCleanerSampleLevel", ids, K=3)
+    short_err = rel_error(short.params, theta, oracle)
+    assert short_err > err and short.info["estimated_error"] > res.info["estimated_error"]
+    assert short.info["estimated_error"] >= 0.5 * short_err
 
 
 @pytest.mark.slow

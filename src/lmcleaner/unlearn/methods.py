@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -88,7 +88,7 @@ class Correction:
     delta_opt_state: OptState
     audit: CorrectionAudit
     betas: tuple[float, float] | None = None  # AdamW's (beta1, beta2): bounds the corrected second moment
-    probe: Params | None = None  # the deviation predicted before the probe step (error estimate)
+    probe: dict[int, Params] = field(default_factory=dict)  # step -> predicted deviation before it (estimates)
 
 
 def _as_ids(xs: Iterable[int], what: str) -> set[int]:
@@ -181,7 +181,7 @@ class _Method:
         tau: int,
         diag_provider: DiagProvider | None,
         last_injection: int | None = None,
-        probe_step: int | None = None,
+        probe_steps: Iterable[int] = (),
     ) -> Correction:
         t0 = time.perf_counter()
         if self.hessian_mode == "diag" and diag_provider is None and self.K > 0:
@@ -204,7 +204,7 @@ class _Method:
             res: PropagationResult = propagate(
                 chained(), spec, injector, tau=tau, K=self.K, fl=fl, hvp=hvp, damping=self.damping,
                 rule=self.rule, track_second_moment=self.track_second_moment, optimizer_map=self.optimizer_map,
-                last_injection=last_injection, probe_step=probe_step, counterfactual_batches=cf_batches,
+                last_injection=last_injection, probe_steps=probe_steps, counterfactual_batches=cf_batches,
             )
         st = res.stats
         if not st.injection_steps:
@@ -227,7 +227,7 @@ class _Method:
             audit.grad_equivalents_measured = n_grad + measured
             audit.hvp_cost_measured = measured / st.hvp_vectors if st.hvp_vectors else None
         betas = tuple(spec.betas) if spec.name.lower() == "adamw" else None
-        probe = res.stats.probe[0] if res.stats.probe else None
+        probe = {step: per_request[0] for step, per_request in res.stats.probe.items()}
         return Correction(delta, res.delta_opt_state[0], audit, betas, probe)
 
 
@@ -258,7 +258,7 @@ class LMCleanerSampleLevel(_Method):
         tau: int,
         diag_provider: DiagProvider | None = None,
         last_injection: int | None = None,
-        probe_step: int | None = None,
+        probe_steps: Iterable[int] = (),
     ) -> Correction:
         """Correction at ``tau`` for forgetting ``forget_ids`` jointly.
 
@@ -268,7 +268,7 @@ class LMCleanerSampleLevel(_Method):
         (not modified).
         """
         return self._run(model, steps, spec, _as_ids(forget_ids, "forget_ids"), tau, diag_provider, last_injection,
-                         probe_step)
+                         probe_steps)
 
 
 class LMCleanerBatchLevel(_Method):
@@ -289,11 +289,11 @@ class LMCleanerBatchLevel(_Method):
         tau: int,
         diag_provider: DiagProvider | None = None,
         last_injection: int | None = None,
-        probe_step: int | None = None,
+        probe_steps: Iterable[int] = (),
     ) -> Correction:
         """Correction at ``tau`` for zeroing the gradients of ``forget_steps``."""
         return self._run(model, steps, spec, _as_ids(forget_steps, "forget_steps"), tau, diag_provider,
-                         last_injection, probe_step)
+                         last_injection, probe_steps)
 
 
 class Rollback(_Method):
@@ -312,9 +312,9 @@ class Rollback(_Method):
         self.level = level
 
     def compute(self, model, steps, spec, forget, tau, diag_provider=None, last_injection=None,
-                probe_step=None) -> Correction:
+                probe_steps=()) -> Correction:
         return self._run(model, steps, spec, _as_ids(forget, "forget"), tau, diag_provider, last_injection,
-                         probe_step)
+                         probe_steps)
 
 
 class SGDFormula(_Method):
@@ -330,9 +330,9 @@ class SGDFormula(_Method):
         self.level = level
 
     def compute(self, model, steps, spec, forget, tau, diag_provider=None, last_injection=None,
-                probe_step=None) -> Correction:
+                probe_steps=()) -> Correction:
         return self._run(model, steps, spec, _as_ids(forget, "forget"), tau, diag_provider, last_injection,
-                         probe_step)
+                         probe_steps)
 
 
 def _consistent_second_moment(v: torch.Tensor, m: torch.Tensor | None,

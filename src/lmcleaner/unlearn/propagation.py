@@ -106,7 +106,7 @@ class SweepStats:
     injection_norms: dict[int, dict[int, float]] = field(default_factory=dict)  # step -> request -> norm
     hvp_path: str | None = None
     seconds: float = 0.0
-    probe: list[Params] | None = None  # per request: the deviation before ``probe_step`` (see ``propagate``)
+    probe: dict[int, list[Params]] = field(default_factory=dict)  # step -> per request: deviation before it
 
 
 @dataclass
@@ -248,7 +248,7 @@ def propagate(
     optimizer_map: str = "exact",
     last_injection: int | None = None,
     initial: dict[str, Params] | None = None,
-    probe_step: int | None = None,
+    probe_steps: Iterable[int] = (),
     counterfactual_batches: Callable[[ReplayedStep, int], tuple[list, int] | None] | None = None,
 ) -> PropagationResult:
     """Propagate all injections to ``tau`` in ONE pass over ``steps``.
@@ -277,9 +277,10 @@ def propagate(
     normalises it into a full-size update (measured: embedding rows of the removed
     samples' rare tokens moved by a whole learning rate instead of 0).
 
-    ``probe_step``: also return (``stats.probe``) each request's deviation as
-    it stands before that step, to compare with an exact replay segment (the
-    error estimate of ``unlearn.handlers``).
+    ``probe_steps``: also return (``stats.probe[step]``) each request's deviation
+    as it stands before those steps -- to compare with an exact replay segment,
+    or to see how much it still changes at the end of a window (the error
+    estimates of ``unlearn.handlers``).
     """
     if rule not in RULES:
         raise ValueError(f"unknown propagation rule {rule!r}; use one of {RULES}")
@@ -298,6 +299,7 @@ def propagate(
 
     t0 = time.perf_counter()
     stats = SweepStats(sweeps=1)
+    want = {int(p) for p in probe_steps}
     cols: _Columns | None = None
     group: dict[str, int] = {}
     expected: int | None = None
@@ -310,8 +312,8 @@ def propagate(
             raise ValueError(f"steps must be consecutive: got step {s} after {expected - 1}")
         if s >= tau:
             break
-        if probe_step is not None and s == probe_step and cols is not None:
-            stats.probe = cols.per_request("d", n_requests)
+        if s in want and cols is not None:
+            stats.probe[s] = cols.per_request("d", n_requests)
         expected = s + 1
         stats.steps_seen += 1
         params = to_compute(st.params)
@@ -470,8 +472,9 @@ def propagate(
     if cols is None:  # pragma: no cover - guarded above
         raise ValueError("no steps")
     stats.columns = len(cols.request)
-    if probe_step is not None and stats.probe is None and expected is not None and expected <= probe_step:
-        stats.probe = cols.per_request("d", n_requests)  # the sweep stopped earlier: carried unchanged
+    for p in sorted(want - set(stats.probe)):
+        if expected is not None and expected <= p:  # the sweep stopped earlier: carried unchanged
+            stats.probe[p] = cols.per_request("d", n_requests)
     _decay_carried_state(cols, tau, b1, b2, spec.momentum if sgd_mom else 0.0)
     if hvp is not None:
         stats.hvp_calls = hvp.calls - hvp_calls0

@@ -105,6 +105,11 @@ def _state_add(base: OptState, delta: OptState, betas: tuple[float, float] | Non
     return out
 
 
+def lr_mass(log, a: int, b: int) -> float:
+    """``sum eta_s`` over steps ``a .. b-1`` (first parameter group): how far training moved."""
+    return sum(float(log.record(s).lrs[0]) for s in range(a, b))
+
+
 def window_boundary(log, at_least: int, tau: int) -> int:
     """The first restore point ``>= at_least`` whose state is on disk as it is (else ``tau``):
     a window ending there reads the recorded ``theta`` instead of replaying it."""
@@ -133,7 +138,7 @@ class WindowedReplay:
         return window_boundary(log, at_least, tau)
 
     def _lr_mass(self, log, a: int, b: int) -> float:
-        return sum(float(log.record(s).lrs[0]) for s in range(a, b))
+        return lr_mass(log, a, b)
 
     # ------------------------------------------------------------- run
     def compute(self, session, ids: list[int]) -> tuple[Params, OptState | None, dict[str, Any]]:

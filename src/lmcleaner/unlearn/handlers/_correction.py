@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
+
 from ..methods import apply_correction
 from ..result import UnlearnError, UnlearnResult
 
@@ -77,22 +79,61 @@ class CorrectionMethod:
         cost = p - session.log.restore_point_for(touched[0]).step
         return p if (p < session.tau and cost <= _probe_budget(session, touched[0])) else None
 
-    def _estimate(self, session, ids: list[int], touched: list[int], probe: int | None, corr) -> dict[str, Any]:
-        """``estimated_error``: the correction's relative error against an exact replay of its first
-        segment (first use to the next restore point). It measures linearisation (and truncation)
-        error where it can be had cheaply; it is a lower estimate of the error at ``tau``, which
-        compounds, so a value near or above 1 means the correction is no better than doing nothing."""
-        if probe is None or corr.probe is None:
-            return {"estimated_error": None, "estimate_source": "none (no affordable probe segment)",
-                    "probe_steps": 0}
-        res = session.replayer.counterfactual(ids, start=touched[0], end=probe)
-        theta_p, _ = session.replayer.state_at(probe)
-        exact = {n: res.params[n].double() - theta_p[n].double() for n in theta_p}
-        num = sum(float(((corr.probe[n].double() - exact[n]) ** 2).sum()) for n in exact) ** 0.5
-        den = sum(float((exact[n] ** 2).sum()) for n in exact) ** 0.5
-        est = num / den if den > 0 else None
-        return {"estimated_error": est, "estimate_source": f"exact replay of steps {touched[0]}..{probe - 1}",
-                "probe_steps": res.steps_replayed}
+    def _truncation_steps(self, session, touched: list[int], reach: int) -> tuple[int, int] | None:
+        """``(a, b)``: two steps at the end of the last window (``b`` = its end) whose deviations
+        show how much it was still changing when it was cut; ``None`` when it reaches ``tau``."""
+        b = min(touched[-1] + reach, session.tau - 1) + 1
+        if b >= session.tau:
+            return None
+        interval = int(session.log.meta.get("checkpoint_interval") or 0) or reach or 1
+        return max(touched[-1], b - max(1, min(reach, interval))), b
+
+    def _estimate(self, session, ids: list[int], touched: list[int], probe: int | None,
+                  trunc: tuple[int, int] | None, corr) -> dict[str, Any]:
+        """``estimated_error`` = linearisation + truncation, relative to the correction's size.
+
+        - linearisation: the correction's relative error against an exact replay of its first
+          segment (first use to the next restore point; affordable segments only);
+        - truncation: past the window the deviation is carried unchanged, so the error is what it
+          would still have changed. Its rate at the window's end, ``||d_b - d_a|| / ||d_b||`` per
+          unit of learning rate, times the learning rate still to come, estimates it (the same
+          rule as the windowed method's, ``unlearn.windowed``).
+        A value near or above 1 means the correction is no better than doing nothing."""
+        from ..windowed import lr_mass
+
+        out: dict[str, Any] = {"probe_steps": 0, "estimate_parts": {}}
+        parts = out["estimate_parts"]
+        if probe is not None and probe in corr.probe:
+            res = session.replayer.counterfactual(ids, start=touched[0], end=probe)
+            theta_p, _ = session.replayer.state_at(probe)
+            exact = {n: res.params[n].double() - theta_p[n].double() for n in theta_p}
+            num = sum(float(((corr.probe[probe][n].double() - exact[n]) ** 2).sum()) for n in exact) ** 0.5
+            den = sum(float((exact[n] ** 2).sum()) for n in exact) ** 0.5
+            if den > 0:
+                parts["linearisation"] = num / den
+                parts["linearisation_segment"] = [touched[0], probe]
+            out["probe_steps"] = res.steps_replayed
+        if trunc is None:
+            parts["truncation"] = 0.0
+        elif trunc[1] in corr.probe:
+            a, b = trunc
+            db = corr.probe[b]
+            da = corr.probe.get(a) or {n: torch.zeros_like(v) for n, v in db.items()}  # before the first use: 0
+            nb = sum(float((v.double() ** 2).sum()) for v in db.values()) ** 0.5
+            change = (sum(float(((db[n].double() - da[n].double()) ** 2).sum()) for n in db) ** 0.5 / nb
+                      if nb > 0 else 1.0)
+            seg, rest = lr_mass(session.log, a, b), lr_mass(session.log, b, session.tau)
+            parts["truncation"] = change * rest / seg if seg > 0 else float("inf")
+        if "linearisation" in parts and "truncation" in parts:
+            out["estimated_error"] = parts["linearisation"] + parts["truncation"]
+            out["estimate_source"] = "linearisation probe + truncation rate"
+        elif "truncation" in parts and parts["truncation"] >= 1:
+            out["estimated_error"] = parts["truncation"]  # already says: no better than doing nothing
+            out["estimate_source"] = "truncation rate (no affordable linearisation probe)"
+        else:
+            out["estimated_error"] = None
+            out["estimate_source"] = "none (no affordable probe segment)"
+        return out
 
     def reach(self, cfg: Any) -> int:
         """Steps propagated after the last injection (the sweep stops there)."""
@@ -117,12 +158,13 @@ class CorrectionMethod:
         steps_iter, recovery_cost = session.iter_steps(start, end)
         diag = session.log.diag_provider() if hessian_mode == "diag" else None
         probe = self._probe_step(session, touched, level)
+        trunc = self._truncation_steps(session, touched, self.reach(cfg))
         corr = algo.compute(session.template, steps_iter, session.spec, forget, session.tau, diag,
-                            last_injection=touched[-1], probe_step=probe)
+                            last_injection=touched[-1], probe_steps=[p for p in (probe, *(trunc or ())) if p])
         theta, opt_state = session.replayer.state_at(session.tau)
         params, new_state = apply_correction(theta, opt_state, corr)
         recovery = recovery_cost()  # steps replayed (light) or gradients (heavy) to recover past states
-        estimate = self._estimate(session, ids, touched, probe, corr)
+        estimate = self._estimate(session, ids, touched, probe, trunc, corr)
         seconds = time.perf_counter() - t0
         guard = session.retain_guard(theta, params, ids)
         audit = corr.audit.to_json()
