@@ -191,7 +191,7 @@ class WindowedReplay:
                 rest_mass = self._lr_mass(log, end, nxt)
                 e_window = change * rest_mass / seg_mass if seg_mass > 0 else float("inf")
                 window_log["segments"].append({"end": end, "norm": nd, "relative_change": change,
-                                               "estimated_carry_error": e_window})
+                                               "estimated_carry_error": e_window, "rest_mass": rest_mass})
                 limit = self.max_window if self.max_window is not None else tau
                 if self.tol <= 0 or e_window <= self.tol or end - t >= limit:
                     break
@@ -229,21 +229,22 @@ class WindowedReplay:
     def _hopeless(self, log, segments: list[dict[str, Any]], start: int, end: int, limit: int, horizon: int,
                   tau: int) -> bool:
         """With a budget (``max_window``): stop early when the estimate could not reach ``tol``
-        before the budget is spent. The estimate at a later end ``E`` is the current change per
-        unit of learning rate times the learning rate still to come after ``E`` (the schedule is
-        known from the log); the rate itself only falls in the runs measured, so this is the
-        optimistic projection -- if even it misses, so will the window."""
-        errs = [seg["estimated_carry_error"] for seg in segments if "estimated_carry_error" in seg]
-        if len(errs) < 2:
+        before the budget is spent. The estimate at a later end ``E`` is the change per unit of
+        learning rate times the learning rate still to come after ``E`` (the schedule is known
+        from the log); the change per unit of learning rate is projected to keep falling at the
+        factor it fell by over the last segment (optimistic: it falls as the deviation settles)
+        -- if even that projection misses ``tol`` within the budget, the window stops."""
+        segs = [seg for seg in segments if seg.get("rest_mass")]
+        if len(segs) < 3:  # the first segment's change is measured from d = 0: no rate yet
             return False
-        rest = self._lr_mass(log, end, horizon)
-        if rest <= 0:
-            return False
-        per_lr = errs[-1] / rest
+        rate = segs[-1]["estimated_carry_error"] / segs[-1]["rest_mass"]
+        before = segs[-2]["estimated_carry_error"] / segs[-2]["rest_mass"]
+        q = min(1.0, rate / before) if before > 0 else 1.0
         e = end
         while e - start < limit and e < tau:
             e = self._boundary(log, e + 1, tau)
-            if per_lr * self._lr_mass(log, e, horizon) <= self.tol:
+            rate *= q
+            if rate * self._lr_mass(log, e, horizon) <= self.tol:
                 return False
         return True
 
