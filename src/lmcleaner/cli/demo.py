@@ -56,6 +56,11 @@ def _training_config(cfg, run_dir: Path):
     if not preset.is_file():
         raise ConfigError(f"demo.model '{d.model}' is neither a model preset nor a YAML file")
     cfg.model = OmegaConf.merge(cfg.model, OmegaConf.load(preset))
+    if d.init not in ("pretrained", "scratch"):
+        raise ConfigError(f"demo.init={d.init!r}: choose pretrained (fine-tune the project's base) or scratch")
+    if d.init == "pretrained" and cfg.model.name_or_path == "tiny-llama":
+        # the project's own pretrained base of this preset (built once, cached: `lmcleaner pretrain`)
+        cfg.model.name_or_path, cfg.model.tokenizer = f"base:{d.model}", "embedded"
     t = cfg.training
     t.max_steps, t.optimizer, t.learning_rate, t.max_grad_norm = d.steps, d.optimizer, d.learning_rate, d.max_grad_norm
     t.dataset_name, t.output_dir, t.resume_from_checkpoint = d.data, str(run_dir), None
@@ -79,7 +84,7 @@ def _forget_ids(cfg, rows: list[dict]) -> list[int]:
 
 def run_demo(cfg) -> dict[str, Any]:
     from ..evaluate import EvalData, evaluate_models, format_table, write_report
-    from ..evaluate.compare import compare_methods, default_grid, merge_eval
+    from ..evaluate.compare import compare_methods, default_grid, merge_eval, windowed_grid
     from ..train import Trainer
     from ..train.export import export_model
     from ..unlearn.cli_retrain import retrain_config
@@ -111,7 +116,9 @@ def run_demo(cfg) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     phase(1, f"training {d.steps} steps with the trajectory recorder")
-    trainer = Trainer(_training_config(cfg, run_dir))
+    train_cfg = _training_config(cfg, run_dir)
+    model_name = str(train_cfg.model.name_or_path)
+    trainer = Trainer(train_cfg)
     state = trainer.train()
     timings["train"] = time.perf_counter() - t0
     session = UnlearnSession(run_dir)
@@ -138,7 +145,7 @@ def run_demo(cfg) -> dict[str, Any]:
         model_dirs[name] = export_model(session.model_with(res.params), trainer.tokenizer, models_dir / name)
 
     t0 = time.perf_counter()
-    grid = default_grid(session.tau, d.Ks, d.hessian_modes)
+    grid = default_grid(session.tau, d.Ks, d.hessian_modes) + windowed_grid(d.Ks) + [("auto", {})]
     phase(3, f"unlearning with {len(grid)} method settings, each measured against the oracle")
     rows = compare_methods(session, ids, grid, oracle, [dataset[i] for i in ids], [dataset[i] for i in retain_ids],
                            on_result=export, progress=cfg.training.progress_bar, include_original=True)
@@ -155,7 +162,10 @@ def run_demo(cfg) -> dict[str, Any]:
         timings["eval"] = time.perf_counter() - t0
         merge_eval(rows, summary)
     skipped = sorted(set(wanted) - set(ids))
-    notes = (f"Forgot {len(ids)} samples (ids {ids[:8]}{'...' if len(ids) > 8 else ''}) used in "
+    init = ("fine-tuned from the project's pretrained base" if model_name.startswith("base:")
+            else "trained from random initialisation")
+    notes = (f"Run: {state.step} steps, {init}, {d.optimizer} lr {d.learning_rate}. "
+             f"Forgot {len(ids)} samples (ids {ids[:8]}{'...' if len(ids) > 8 else ''}) used in "
              f"{len(session.steps_for(ids))} of {session.tau} steps"
              + (f" ({len(skipped)} requested samples were never used and need no unlearning)" if skipped else "")
              + ". rel_param_error = ||theta_hat - theta_retrain|| / "
