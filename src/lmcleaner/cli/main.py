@@ -80,6 +80,16 @@ def cmd_lr_find(args) -> int:
     if args.print_config:
         return _print_config(cfg)
     from ..train.lr_finder import find_lr
+    from ..train.outputs import OutputError, probe_writable
+
+    if not 0 < args.start_lr < args.end_lr:
+        raise ValueError(f"need 0 < --start-lr < --end-lr, got {args.start_lr} and {args.end_lr}")
+    if args.num_steps < 2:
+        raise ValueError(f"--num-steps {args.num_steps}: the sweep needs at least 2 steps")
+    if args.plot:  # fail now, not after the sweep
+        if os.path.isdir(args.plot):
+            raise OutputError(f"--plot {args.plot} is a directory: give a PNG file path")
+        probe_writable(args.plot, "--plot")
 
     result = find_lr(cfg, start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.num_steps,
                      plot_path=args.plot)
@@ -132,21 +142,42 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    # Every one-line user-facing error in lmcleaner is a ValueError subclass
-    # (config, data, checkpoint, log, forget set, unlearning request).
+    # Every failure is one line on stderr. Bad input (config, data, checkpoint, log,
+    # forget set, output over the source, a run lock held by another writer: all
+    # ValueError subclasses) and operating-system errors (disk full, read-only
+    # output) exit 2; anything else is a bug, reported in one line with exit 1.
     # LMCLEANER_DEBUG=1 shows the traceback instead.
-    expected = (ValueError, FileNotFoundError, FileExistsError, TrainingError)
     if os.environ.get("LMCLEANER_DEBUG"):
-        expected = ()
+        return int(args.func(args) or 0)
     try:
         return int(args.func(args) or 0)
-    except expected as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        print(f"lmcleaner {args.command}: error: {first}", file=sys.stderr)
+    except (ValueError, TrainingError) as err:
+        print(f"lmcleaner {args.command}: error: {_first_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        from ..train.outputs import describe_os_error
+
+        print(f"lmcleaner {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lmcleaner {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - a bug: still one line, with how to see the traceback
+        from ..train.outputs import as_os_error
+
+        os_err = as_os_error(err, "?")
+        if os_err is not None:  # e.g. safetensors' "No space left on device (os error 28)"
+            from ..train.outputs import describe_os_error
+
+            print(f"lmcleaner {args.command}: error: {describe_os_error(os_err)}", file=sys.stderr)
+            return 2
+        print(f"lmcleaner {args.command}: internal error: {type(err).__name__}: {_first_line(err)} (rerun with "
+              "LMCLEANER_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 if __name__ == "__main__":

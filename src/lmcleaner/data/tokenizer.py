@@ -48,12 +48,17 @@ def embedded_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def load_tokenizer(name_or_path: str | None, model_name: str = "tiny-llama") -> PreTrainedTokenizerFast:
-    """``embedded`` / ``None`` with the tiny model: the shipped tokenizer; else ``AutoTokenizer``."""
+def load_tokenizer(name_or_path: str | None, model_name: str = "tiny-llama",
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
+    """``embedded`` / ``None`` with the tiny model: the shipped tokenizer; else ``AutoTokenizer``
+    (a tokenizer that ships Python code is refused unless ``trust_remote_code``)."""
     name = name_or_path or model_name
     if name in ("embedded", "tiny-llama"):
         return embedded_tokenizer()
-    tok = AutoTokenizer.from_pretrained(name)
+    from ..config.received import guard_remote_code
+
+    trust = guard_remote_code(name, trust_remote_code, key="model.tokenizer")
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

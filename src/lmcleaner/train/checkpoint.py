@@ -8,26 +8,38 @@ steps, the Hugging Face convention):
 - ``optimizer.safetensors`` + ``optimizer.json``: per-parameter state keyed by
   parameter name, and the param-group hyper-parameters;
 - ``scheduler.json``, ``rng.safetensors`` + ``rng.json``;
-- ``trainer_state.json``: step, epoch, best metric, loss history, config.
+- ``trainer_state.json``: step, epoch, best metric, loss history, config;
+- ``checksums.json``: the SHA-256 of every file above.
 
 A checkpoint is written to a temporary directory and renamed into place, so a
-crash never leaves a half-written ``checkpoint-<t>``.
+crash never leaves a half-written ``checkpoint-<t>``; a failed write (disk
+full) removes its temporary directory.
+
+Integrity: safetensors refuses a malformed file but not a flipped bit in the
+tensor data, so every file's hash is written next to it (``checksums.json``)
+and recorded in the trajectory log (``checkpoints.json``). Loading verifies
+them (once per file version per process) and every malformed input (crafted
+safetensors header, a pickle in place of a safetensors file, broken JSON) is
+a one-line :class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from .outputs import AtomicDir, save_tensors, with_filename
 
 CHECKPOINT_PREFIX = "checkpoint-"
+CHECKSUMS = "checksums.json"
 
 
 class CheckpointError(ValueError):
@@ -52,8 +64,82 @@ def list_checkpoints(output_dir: str | Path) -> dict[int, Path]:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)  # disk full: no half-written temp file stays behind
+        raise with_filename(err, path) from None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_VERIFIED: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime_ns, inode) -> sha256 seen
+
+
+def _cached_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = file_sha256(path)
+    return _VERIFIED[key]
+
+
+def read_checksums(path: str | Path) -> dict[str, str] | None:
+    """``{file: sha256}`` from ``checksums.json`` (``None`` for checkpoints written before it existed)."""
+    f = Path(path) / CHECKSUMS
+    if not f.is_file():
+        return None
+    doc = _read_json(f)
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise CheckpointError(f"{f}: malformed checksum file (expected {{\"files\": {{name: sha256}}}})")
+    return files
+
+
+def verify_checkpoint(path: str | Path, expected: dict[str, str] | None = None) -> None:
+    """Check every file against ``checksums.json`` and, when given, the hashes the log recorded.
+
+    Raises a one-line :class:`CheckpointError` naming the first file that differs."""
+    path = Path(path)
+    own = read_checksums(path)
+    for source, table in (("recorded in the training log", expected), (CHECKSUMS, own)):
+        for name, want in sorted((table or {}).items()):
+            f = path / name
+            if not f.is_file():
+                raise CheckpointError(f"{f}: missing (listed in {source}): the checkpoint is incomplete; use "
+                                      "another checkpoint")
+            got = _cached_sha256(f)
+            if got != want:
+                raise CheckpointError(f"{f}: sha256 {got[:12]}... differs from {want[:12]}... {source}: the file "
+                                      "is corrupted or belongs to another run; use another checkpoint or restore it")
+
+
+def _read_json(f: Path) -> Any:
+    try:
+        return json.loads(f.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{f}: missing (incomplete checkpoint)") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{f}: not valid JSON ({str(err).splitlines()[0]}); the checkpoint is damaged") from None
+
+
+def _load_tensors(f: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or a one-line error (truncated, crafted header, a pickle in its place)."""
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing (incomplete checkpoint)")
+    try:
+        return load_file(str(f))
+    except Exception as err:  # SafetensorError, OSError: the file is not what it claims to be
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{f}: not a valid safetensors file ({first}); the checkpoint is damaged or was "
+                              "not written by lmcleaner (pickles are never loaded)") from None
 
 
 def _tensors(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -129,23 +215,22 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 def save_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, scheduler,
                     trainer_state: dict[str, Any]) -> Path:
+    """Write ``path`` atomically (temp dir + rename) with ``checksums.json``; returns ``path``."""
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(_tensors(params), str(tmp / "model.safetensors"))
-    opt_tensors, opt_meta = optimizer_to_flat(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    write_json_atomic(tmp / "optimizer.json", opt_meta)
-    write_json_atomic(tmp / "scheduler.json", scheduler.state_dict())
-    rng_tensors, rng_meta = _rng_state()
-    save_file(_tensors(rng_tensors), str(tmp / "rng.safetensors"))
-    write_json_atomic(tmp / "rng.json", rng_meta)
-    write_json_atomic(tmp / "trainer_state.json", trainer_state)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    with AtomicDir(path) as out:
+        tmp = out.tmp
+        save_tensors(_tensors(params), tmp / "model.safetensors")
+        opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+        save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+        write_json_atomic(tmp / "optimizer.json", opt_meta)
+        write_json_atomic(tmp / "scheduler.json", scheduler.state_dict())
+        rng_tensors, rng_meta = _rng_state()
+        save_tensors(_tensors(rng_tensors), tmp / "rng.safetensors")
+        write_json_atomic(tmp / "rng.json", rng_meta)
+        write_json_atomic(tmp / "trainer_state.json", trainer_state)
+        names = sorted(p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith("."))
+        write_json_atomic(tmp / CHECKSUMS, {"algorithm": "sha256", "files": {n: file_sha256(tmp / n) for n in names}})
+        out.commit()
     return path
 
 
@@ -153,31 +238,44 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     f = Path(path) / "trainer_state.json"
     if not f.is_file():
         raise CheckpointError(f"no checkpoint at {path}: trainer_state.json missing (give a checkpoint-<step> dir)")
-    return json.loads(f.read_text())
+    state = _read_json(f)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{f}: expected a JSON object; the checkpoint is damaged")
+    return state
 
 
 def load_params(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(path) / "model.safetensors"))
+    return _load_tensors(Path(path) / "model.safetensors")
 
 
 def load_optimizer_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(path) / "optimizer.safetensors"))
+    return _load_tensors(Path(path) / "optimizer.safetensors")
 
 
 def load_checkpoint(path: str | Path, model_params: dict[str, torch.nn.Parameter], optimizer, scheduler,
-                    restore_rng: bool = True) -> dict[str, Any]:
-    """Restore in place; returns the trainer state."""
+                    restore_rng: bool = True, expected: dict[str, str] | None = None) -> dict[str, Any]:
+    """Restore in place after verifying the files' hashes; returns the trainer state.
+
+    ``expected``: ``{file: sha256}`` the trajectory log recorded for this checkpoint."""
     path = Path(path)
     state = read_trainer_state(path)
+    verify_checkpoint(path, expected)
     saved = load_params(path)
     missing = set(model_params) - set(saved)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks parameters {sorted(missing)[:3]}...: different model/LoRA setup")
-    with torch.no_grad():
-        for name, p in model_params.items():
-            p.copy_(saved[name].to(p.dtype))
-    optimizer_from_flat(optimizer, load_optimizer_tensors(path), json.loads((path / "optimizer.json").read_text()))
-    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-    if restore_rng:
-        _set_rng_state(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text()))
+    try:
+        with torch.no_grad():
+            for name, p in model_params.items():
+                p.copy_(saved[name].to(p.dtype))
+        optimizer_from_flat(optimizer, load_optimizer_tensors(path), _read_json(path / "optimizer.json"))
+        scheduler.load_state_dict(_read_json(path / "scheduler.json"))
+        if restore_rng:
+            _set_rng_state(_load_tensors(path / "rng.safetensors"), _read_json(path / "rng.json"))
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: malformed checkpoint ({type(err).__name__}: {first}); the checkpoint is "
+                              "damaged or from another model/optimizer setup") from None
     return state

@@ -1,9 +1,15 @@
-"""Model construction: the embedded tiny Llama, or any HF causal LM, plus LoRA."""
+"""Model construction: the embedded tiny Llama, or any HF causal LM, plus LoRA.
+
+A model directory that ships Python code (``auto_map``) is loaded only when
+the current user allowed it (``config.received.guard_remote_code``).
+"""
 
 from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from ..config.received import guard_remote_code
 
 EMBEDDED_MODEL = "tiny-llama"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,9 +47,10 @@ def build_model(mcfg, tokenizer, seed: int = 0, lora_cfg=None):
             config._attn_implementation = mcfg.attn_implementation
             model = LlamaForCausalLM(config).to(dtype)
     else:
+        trust = guard_remote_code(mcfg.name_or_path, bool(mcfg.trust_remote_code))
         model = AutoModelForCausalLM.from_pretrained(
             mcfg.name_or_path, dtype=dtype, attn_implementation=mcfg.attn_implementation,
-            trust_remote_code=mcfg.trust_remote_code,
+            trust_remote_code=trust,
         )
     if lora_cfg is not None and lora_cfg.enabled:
         model = apply_lora(model, lora_cfg, seed)

@@ -17,10 +17,13 @@ examples:
 keys:
   unlearn.forget          ids (17,203), a file of ids, or a dataset file matched to training rows
   unlearn.model_dir       the trained run (default: training.output_dir)
-  unlearn.output_dir      where the unlearned model goes (default: <run>/unlearned-<method>)
+  unlearn.output_dir      where the unlearned model goes (default: a fresh <run>/unlearned-<method>[-N]);
+                          refused when it is the run, inside it, contains it, or exists
+  unlearn.overwrite=true  replace an existing output_dir (its audit records are kept; never the run)
   trainer=PRESET          LMCleanerBatch | LMCleanerSample | replay | rollback | sgd_formula | GradAscent
   trainer.method_args.{training_log_dir, K, hessian_mode=GGN|exact|diag, damping, apply_immediately, audit_dir}
-The run's own training config is read from its trajectory log; only the keys above matter here."""
+The run's own training config is read from its trajectory log; only the keys above matter here.
+A received run is data: its trust_remote_code setting is ignored (see --trust-remote-code)."""
 
 
 def register(sub) -> None:
@@ -31,8 +34,21 @@ def register(sub) -> None:
                        epilog=OVERRIDES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file merged over the defaults")
     p.add_argument("--print-config", action="store_true")
+    add_trust_flag(p)
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=run)
+
+
+def add_trust_flag(p) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the run's model import its own Python code (auto_map in its config.json); off by "
+                        "default, and never taken from the run itself")
+
+
+def warn_trust(command: str, enabled: bool) -> None:
+    if enabled:
+        print(f"lmcleaner {command}: warning: --trust-remote-code: Python files shipped with the model will be "
+              "imported and run with your permissions", file=sys.stderr)
 
 
 def run(args) -> int:
@@ -48,12 +64,19 @@ def run(args) -> int:
     ma = cfg.trainer.method_args
     method = canonical_method(cfg.trainer.handler)
     run_dir = cfg.unlearn.model_dir or (None if ma.training_log_dir else cfg.training.output_dir)
-    session = UnlearnSession(run_dir, ma.training_log_dir)
-    ids = session.resolve(cfg.unlearn.forget)
-    result = session.run(method, ids, K=ma.K, hessian_mode=ma.hessian_mode, damping=ma.damping, lr=ma.lr,
-                         steps=ma.steps, fallback_to_replay=ma.fallback_to_replay and method != "replay")
-    out = Path(cfg.unlearn.output_dir) if cfg.unlearn.output_dir else session.run_dir / f"unlearned-{method}"
-    session.save(result, out, ma.audit_dir, apply=ma.apply_immediately)
+    warn_trust("unlearn", args.trust_remote_code)
+    session = UnlearnSession(run_dir, ma.training_log_dir, trust_remote_code=args.trust_remote_code)
+    out = Path(cfg.unlearn.output_dir) if cfg.unlearn.output_dir else session.default_output(method)
+    # Refusals (output over the source, existing, read-only) happen now, before any computation.
+    target = session.reserve_output(out, cfg.unlearn.overwrite)
+    try:
+        ids = session.resolve(cfg.unlearn.forget)
+        result = session.run(method, ids, K=ma.K, hessian_mode=ma.hessian_mode, damping=ma.damping, lr=ma.lr,
+                             steps=ma.steps, fallback_to_replay=ma.fallback_to_replay and method != "replay")
+        out = session.save(result, out, ma.audit_dir, apply=ma.apply_immediately, reserved=target)
+    except BaseException:
+        target.abort()
+        raise
     if result.info.get("fallback_from"):
         print(f"lmcleaner unlearn: warning: {method} diverged (retain loss "
               f"{result.info['fallback_from']['retain_loss_after']:.3f}); the result is exact replay instead "

@@ -45,7 +45,9 @@ class OnlineUnlearner:
         if step == 0:
             return {"method": self.method, "note": "request before the first step: nothing learned yet"}
         recorder.flush(wait=True)
-        session = UnlearnSession(log_dir=recorder.log_dir)
+        # the live run's own log: the user's own model setting applies (it is not a received run)
+        session = UnlearnSession(log_dir=recorder.log_dir,
+                                 trust_remote_code=bool(trainer.config.model.trust_remote_code))
         used = [i for i in ids if session.log.steps_containing([i])]
         if not used:
             return {"method": self.method, "note": "samples not used yet: excluded from now on"}
