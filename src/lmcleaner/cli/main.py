@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if not sys.stderr.isatty():  # HF datasets' \r-updated bars garble logs and one-line errors
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

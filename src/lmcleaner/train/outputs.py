@@ -123,6 +123,7 @@ def check_output(out: str | os.PathLike, sources: Iterable[str | os.PathLike | N
     write (its default result location, e.g. a direct child ``unlearned-*``).
     """
     target = resolved(out)
+    clean_stale(target.parent, only=lambda base: base == target.name)  # put back a result a kill left aside
     fix_overwrite = f" or set {overwrite_key}=true" if overwrite_key else ""
     for src in sources:
         if src is None:
@@ -199,10 +200,12 @@ class AtomicDir:
     on any error.
     """
 
-    def __init__(self, final: str | os.PathLike, tmp_parent: str | os.PathLike | None = None, prefix: str = ""):
+    def __init__(self, final: str | os.PathLike, tmp_parent: str | os.PathLike | None = None, prefix: str = "",
+                 replace: bool = True):
         self.final = Path(final)
         self.tmp_parent = Path(tmp_parent) if tmp_parent is not None else self.final.parent
         self.tmp = self.tmp_parent / f"{prefix}{self.final.name}.tmp-{os.getpid()}"
+        self.replace = replace  # False: never replace a ``final`` that appeared meanwhile
         self.committed = False
 
     def reserve(self) -> "AtomicDir":
@@ -222,8 +225,11 @@ class AtomicDir:
         return self
 
     def commit(self) -> Path:
-        (self.tmp / MARKER).unlink(missing_ok=True)
+        # the marker goes only after the rename: a kill before it leaves a temp dir clean_stale() may remove
         if self.final.exists() or self.final.is_symlink():
+            if not self.replace:
+                raise OutputError(f"{self.final} appeared while this command ran: choose a new directory or "
+                                  "allow overwriting")
             old = self.final.parent / f"{self.final.name}.old-{os.getpid()}"
             if self.final.is_dir():  # lets clean_stale() put it back if we are killed between the renames
                 (self.final / MARKER).write_text(str(os.getpid()))
@@ -236,6 +242,7 @@ class AtomicDir:
         else:
             os.replace(self.tmp, self.final)
         self.committed = True
+        (self.final / MARKER).unlink(missing_ok=True)
         return self.final
 
     def abort(self) -> None:

@@ -361,7 +361,8 @@ class Trainer:
             export_model(self.engine.unwrapped, self.tokenizer, self.output_dir / "final_model", self.t.save_precision)
             ckpt.write_json_atomic(self.output_dir / "trainer_state.json",
                                    {**self.state.to_json(), "config": to_dict(self.config),
-                                    "dataset_fingerprint": self.dataset.fingerprint})
+                                    "dataset_fingerprint": self.dataset.fingerprint,
+                                    "world_size": self.accelerator.num_processes})
             telemetry.log_memory_usage(self.state.step)
             stats = _recorder_stats(self.recorder)
             if stats:

@@ -162,7 +162,9 @@ def run(args) -> int:
     # Train into a temporary directory outside the source run (reserved now: a read-only
     # output fails before any training) and rename it into place at the end.
     outer = [s for s in map(resolved, sources) if is_within(final, s)]
-    target = (AtomicDir(final, outer[0].parent, prefix=f".{outer[0].name}--") if outer else AtomicDir(final)).reserve()
+    overwrite = cfg.unlearn.overwrite
+    target = (AtomicDir(final, outer[0].parent, prefix=f".{outer[0].name}--", replace=overwrite) if outer
+              else AtomicDir(final, replace=overwrite)).reserve()
     try:
         trainer = Trainer(rcfg, tokenizer=tok)
         trainer.output_dir = target.tmp  # the config (and trainer_state.json) names the final directory

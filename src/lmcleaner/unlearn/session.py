@@ -326,8 +326,8 @@ class UnlearnSession:
         inside = [s for s in map(resolved, self.sources) if is_within(out, s)]
         if inside:
             outer = min(inside, key=lambda p: len(p.parts))
-            return AtomicDir(out, outer.parent, prefix=f".{outer.name}--").reserve()
-        return AtomicDir(out).reserve()
+            return AtomicDir(out, outer.parent, prefix=f".{outer.name}--", replace=overwrite).reserve()
+        return AtomicDir(out, replace=overwrite).reserve()
 
     def save(self, result: UnlearnResult, out_dir: str | Path, audit_dir: str | Path | None = None,
              request_id: str | None = None, apply: bool = True, overwrite: bool = False,
