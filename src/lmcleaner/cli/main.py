@@ -39,6 +39,13 @@ PLUGINS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors are one line too (the full usage is in ``--help``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _config_parser(sub, name: str, help_text: str, description: str):
     p = sub.add_parser(name, help=help_text, description=description, epilog=OVERRIDES_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,7 +105,7 @@ def cmd_lr_find(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="lmcleaner",
         description="Fine-tune Hugging Face causal LMs while recording the training trajectory, then unlearn "
                     "chosen samples (during or after training) with an audit record and a measured distance "

@@ -109,6 +109,8 @@ class TrajectoryLog:
             raise TrajectoryLogError(f"{self.log_dir}: not a training log (no {layout.META}); "
                                      "record one with training_logger.enabled=true")
         self.meta: dict[str, Any] = _checked_meta(self.log_dir / layout.META, read_json(self.log_dir / layout.META))
+        self.optimizer_spec  # noqa: B018 - a malformed recorded optimizer or config is refused at open
+        self.config()
         self._problems: list[TailProblem] = []
         try:
             self._load_steps()
