@@ -63,23 +63,25 @@ def _meta_variants():
             d[path[-1]] = value
         return f
 
+    # (edit, expected words, whether `inspect` fails too: it reads the format, not the recorded
+    # config's schema, so a log from another lmcleaner version still shows)
     return {
-        "not an object": (None, "expected a JSON object"),
-        "not JSON": ("raw", "corrupted JSON"),
-        "no config": (drop("config"), "key 'config' is missing"),
-        "config is a list": (setter(["config"], [1]), "key 'config' must be dict"),
-        "config.training is a string": (setter(["config", "training"], "x"), "meta.json"),
-        "unknown config key": (setter(["config", "training", "bogus"], 1), "unknown config key"),
-        "optimizer empty": (setter(["optimizer"], {}), "meta.json"),
-        "storage unknown": (setter(["storage"], "floppy"), "key 'storage'"),
-        "seed a string": (setter(["seed"], "42"), "key 'seed' must be int"),
-        "resume entry without step": (setter(["resumes"], [{"time": 1}]), "key 'resumes'"),
+        "not an object": (None, "expected a JSON object", True),
+        "not JSON": ("raw", "corrupted JSON", True),
+        "no config": (drop("config"), "key 'config' is missing", True),
+        "config is a list": (setter(["config"], [1]), "key 'config' must be dict", True),
+        "config.training is a string": (setter(["config", "training"], "x"), "meta.json", False),
+        "unknown config key": (setter(["config", "training", "bogus"], 1), "unknown config key", False),
+        "optimizer empty": (setter(["optimizer"], {}), "malformed 'optimizer'", True),
+        "storage unknown": (setter(["storage"], "floppy"), "key 'storage'", True),
+        "seed a string": (setter(["seed"], "42"), "key 'seed' must be int", True),
+        "resume entry without step": (setter(["resumes"], [{"time": 1}]), "key 'resumes'", True),
     }
 
 
 @pytest.mark.parametrize("variant", list(_meta_variants()))
 def test_malformed_meta_json(run_copy, tmp_path, capsys, variant):
-    fn, words = _meta_variants()[variant]
+    fn, words, inspect_fails = _meta_variants()[variant]
     meta = run_copy / "training_log" / "meta.json"
     if fn is None:
         meta.write_text(json.dumps([1, 2]))
@@ -94,6 +96,9 @@ def test_malformed_meta_json(run_copy, tmp_path, capsys, variant):
                   f"unlearn.output_dir={tmp_path / 'out'}"],
                  ["inspect", run_copy / "training_log"]):
         rc, out, err = cli(capsys, *args)
+        if args[0] == "inspect" and not inspect_fails:
+            assert rc == 0, err
+            continue
         assert_one_line_error(rc, out, err, words)
         assert "meta.json" in err, err
     assert tree_hash(run_copy) == before and not (tmp_path / "out").exists()

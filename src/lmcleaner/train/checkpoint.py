@@ -80,6 +80,18 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def files_sha256(paths: list[Path], hasher=None) -> list[str]:
+    """Hashes of several files, in parallel threads (hashlib and file reads release the GIL:
+    the model and optimizer files of a checkpoint are hashed at the same time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    hasher = hasher or file_sha256
+    if len(paths) < 2:
+        return [hasher(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(4, len(paths), os.cpu_count() or 1)) as pool:
+        return list(pool.map(hasher, paths))
+
+
 _VERIFIED: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime_ns, inode) -> sha256 seen
 
 
@@ -109,13 +121,17 @@ def verify_checkpoint(path: str | Path, expected: dict[str, str] | None = None) 
     Raises a one-line :class:`CheckpointError` naming the first file that differs."""
     path = Path(path)
     own = read_checksums(path)
-    for source, table in (("recorded in the training log", expected), (CHECKSUMS, own)):
+    tables = (("recorded in the training log", expected), (CHECKSUMS, own))
+    names = sorted({n for _, t in tables for n in (t or {})})
+    for name in names:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing (listed in {CHECKSUMS} or the training log): the "
+                                  "checkpoint is incomplete; use another checkpoint")
+    found = dict(zip(names, files_sha256([path / n for n in names], _cached_sha256)))
+    for source, table in tables:
         for name, want in sorted((table or {}).items()):
             f = path / name
-            if not f.is_file():
-                raise CheckpointError(f"{f}: missing (listed in {source}): the checkpoint is incomplete; use "
-                                      "another checkpoint")
-            got = _cached_sha256(f)
+            got = found[name]
             if got != want:
                 raise CheckpointError(f"{f}: sha256 {got[:12]}... differs from {want[:12]}... {source}: the file "
                                       "is corrupted or belongs to another run; use another checkpoint or restore it")
@@ -229,7 +245,8 @@ def save_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, sche
         write_json_atomic(tmp / "rng.json", rng_meta)
         write_json_atomic(tmp / "trainer_state.json", trainer_state)
         names = sorted(p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith("."))
-        write_json_atomic(tmp / CHECKSUMS, {"algorithm": "sha256", "files": {n: file_sha256(tmp / n) for n in names}})
+        hashes = files_sha256([tmp / n for n in names])
+        write_json_atomic(tmp / CHECKSUMS, {"algorithm": "sha256", "files": dict(zip(names, hashes))})
         out.commit()
     return path
 

@@ -320,6 +320,10 @@ class TrainingLogger(NullRecorder):
     def _raise_if_failed(self) -> None:
         if self.writer is not None and self.writer.error is not None:
             err = self.writer.error
+            if isinstance(err, OSError):  # disk full, read-only: one line naming the file and the fix
+                from ..train.outputs import describe_os_error
+
+                raise TrajectoryLogError(f"training log writer: {describe_os_error(err)}") from err
             raise TrajectoryLogError(f"training log writer failed in {self.log_dir}: {err}") from err
 
     # ------------------------------------------------------- checkpoints

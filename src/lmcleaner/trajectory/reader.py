@@ -109,8 +109,7 @@ class TrajectoryLog:
             raise TrajectoryLogError(f"{self.log_dir}: not a training log (no {layout.META}); "
                                      "record one with training_logger.enabled=true")
         self.meta: dict[str, Any] = _checked_meta(self.log_dir / layout.META, read_json(self.log_dir / layout.META))
-        self.optimizer_spec  # noqa: B018 - a malformed recorded optimizer or config is refused at open
-        self.config()
+        self.optimizer_spec  # noqa: B018 - a malformed recorded optimizer is refused at open
         self._problems: list[TailProblem] = []
         try:
             self._load_steps()
@@ -351,7 +350,7 @@ class TrajectoryLog:
         """The training run this log belongs to (checkpoints, final model), as seen from the log
         directory: a copied run reads its own files, not the original's."""
         rel = self.meta.get("run_dir_relative")
-        if isinstance(rel, str):
+        if isinstance(rel, str) and not Path(rel).is_absolute():  # a received log cannot point anywhere
             return Path(os.path.normpath(self.log_dir / rel))
         if self.log_dir.name == "training_log" or not self.meta.get("output_dir"):
             return self.log_dir.parent  # logs written before run_dir_relative, default layout
