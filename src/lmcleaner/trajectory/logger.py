@@ -323,7 +323,8 @@ class TrainingLogger(NullRecorder):
             if isinstance(err, OSError):  # disk full, read-only: one line naming the file and the fix
                 from ..train.outputs import describe_os_error
 
-                raise TrajectoryLogError(f"training log writer: {describe_os_error(err)}") from err
+                raise TrajectoryLogError(f"training log writer failed in {self.log_dir}: "
+                                         f"{describe_os_error(err)}") from err
             raise TrajectoryLogError(f"training log writer failed in {self.log_dir}: {err}") from err
 
     # ------------------------------------------------------- checkpoints
