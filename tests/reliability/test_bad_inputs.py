@@ -44,7 +44,7 @@ CASES = {
         (["unlearn.model_dir={run}", "unlearn.forget=missing.txt"], "forget file not found"),
         (["unlearn.model_dir=missing", "unlearn.forget=3"], "no such directory"),
         (["unlearn.model_dir={taken}", "unlearn.forget=3"], "no trajectory log"),
-        (["unlearn.model_dir={run}", "unlearn.forget=3", "trainer=bogus"], "unknown trainer preset"),
+        (["unlearn.model_dir={run}", "unlearn.forget=3", "trainer=bogus"], "unknown unlearning method 'bogus'"),
         (["unlearn.model_dir={run}", "unlearn.forget=3", "trainer.method_args.K=0"], "K=0"),
         (["unlearn.model_dir={run}", "unlearn.forget=3", "unlearn.output_dir={run}"], "is the source run"),
         (["unlearn.model_dir={run}", "unlearn.forget=3", "unlearn.output_dir={run}/final_model",
@@ -76,6 +76,12 @@ CASES = {
         (["{taken}"], "not a training log"),
         (["missing"], "not a training log"),
         ([], "the following arguments are required: LOG_DIR"),
+    ],
+    "pretrain": [  # pretrain.cache_dir inside the sandbox: a refusal must not create the cache either
+        (["pretrain.model=bogus", "pretrain.cache_dir=cache"], "neither a model preset"),
+        (["pretrain.steps=0", "pretrain.cache_dir=cache"], "pretrain.steps=0"),
+        (["pretrain.steps=abc"], "bad value for config key 'pretrain.steps'"),
+        (["pretrain.bogus=1"], "unknown config key 'pretrain.bogus'"),
     ],
     "demo": [
         (["demo.out_dir={taken}"], "is not a demo output"),

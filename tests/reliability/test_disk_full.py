@@ -51,14 +51,15 @@ def test_disk_full_while_writing_the_unlearned_model(run_copy, tmp_path, capfd):
     before = tree_hash(run_copy)
     with tmpfs(tmp_path / "tiny", "48k") as disk:
         rc, out, err = _run(capfd, "unlearn", "trainer=replay", f"unlearn.model_dir={run_copy}",
-                            f"unlearn.forget={FORGET}", f"unlearn.output_dir={disk / 'out'}")
+                            f"unlearn.forget={FORGET}", f"unlearn.output_dir={disk / 'out'}",
+                            "training.progress_bar=false")  # the computation's progress lines precede the failure
         assert_one_line_error(rc, out, err, "no space left on device", str(disk))
         assert list(disk.iterdir()) == [], "nothing half-written stays on the full disk"
     assert tree_hash(run_copy) == before
 
 
 def test_read_only_outputs_are_refused_before_any_computation(run_copy, tmp_path, capfd, monkeypatch):
-    from lmcleaner.evaluate import cli as eval_cli
+    from lmcleaner.evaluate import runner as eval_runner  # `lmcleaner eval` imports it when it runs
     from lmcleaner.train import trainer as trainer_mod
     from lmcleaner.unlearn.session import UnlearnSession
 
@@ -66,7 +67,7 @@ def test_read_only_outputs_are_refused_before_any_computation(run_copy, tmp_path
         raise AssertionError("the computation started before the output was checked")
 
     monkeypatch.setattr(UnlearnSession, "run", must_not_run)
-    monkeypatch.setattr(eval_cli, "evaluate_models", must_not_run)
+    monkeypatch.setattr(eval_runner, "evaluate_models", must_not_run)
     monkeypatch.setattr(trainer_mod.Trainer, "_train_locked", must_not_run)
     before = tree_hash(run_copy)
     with tmpfs(tmp_path / "ro", "1m", readonly=True) as ro:

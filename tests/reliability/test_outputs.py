@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lmcleaner.train.outputs import MARKER, AtomicDir, clean_stale
+from lmcleaner.train.outputs import MARKER, AtomicDir
 
 from .conftest import FORGET, assert_one_line_error, child_env, cli, tree_hash
 

@@ -100,7 +100,9 @@ def test_cli_unlearn_writes_loadable_model_and_audit_and_leaves_source(run_dir, 
     (["trainer.method_args.K=0"], "K"),
     (["trainer.method_args.hessian_mode=bogus"], "hessian_mode"),
     (["trainer.method_args.hessian_mode=diag"], "diag"),
-    (["trainer=bogus"], "trainer preset"),
+    (["trainer=bogus"], "unknown unlearning method"),
+    (["trainer=replay", "trainer.method_args.K=5"], "replay has no argument"),
+    (["trainer.method_args.K=abc"], "bad value"),
 ])
 def test_bad_requests_fail_cleanly(run_dir, tmp_path, capsys, overrides, needle):
     out = tmp_path / "never"

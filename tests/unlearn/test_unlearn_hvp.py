@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-import lmcleaner.unlearn.hvp as hvp_mod
+import lmcleaner.unlearn.hvp.base as hvp_mod
 from lmcleaner.train.loss import IGNORE_INDEX, count_supervised, shift_labels
 from lmcleaner.unlearn import DiagHVP, ExactHVP, FunctionalLM, GGNHVP, make_hvp_backend
 from lmcleaner.unlearn.functional import to_compute

@@ -3,7 +3,6 @@
 from .loader import ConfigError, available_presets, load_config, register_with_hydra, to_dict, validate
 from .schema import (
     LoraConfig,
-    MethodArgs,
     ModelConfig,
     RootConfig,
     TrainingConfig,
@@ -14,6 +13,6 @@ from .schema import (
 
 __all__ = [
     "ConfigError", "available_presets", "load_config", "register_with_hydra", "to_dict", "validate",
-    "LoraConfig", "MethodArgs", "ModelConfig", "RootConfig", "TrainingConfig", "TrainingLoggerConfig",
+    "LoraConfig", "ModelConfig", "RootConfig", "TrainingConfig", "TrainingLoggerConfig",
     "UnlearnConfig", "UnlearnTrainerConfig",
 ]

@@ -9,12 +9,14 @@ registered by :func:`register_with_hydra`.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.nodes import StringNode
 
 from .schema import RootConfig
 
@@ -26,6 +28,7 @@ class ConfigError(ValueError):
 
 
 def available_presets(group: str) -> list[str]:
+    """Preset YAMLs of ``group`` (``trainer=NAME`` instead names a registered unlearning method)."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
@@ -74,6 +77,21 @@ def _group_file(group: str, value: str) -> Path:
     return path
 
 
+def _quote_for_string_field(cfg: DictConfig, item: str) -> str:
+    """``key=no`` for a string field means the string "no": YAML 1.1, which the override
+    parser follows, would read ``no/yes/on/off`` as booleans (``training.mixed_precision=no``)."""
+    key, value = item.split("=", 1)
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig) or leaf not in node:
+        return item
+    if not isinstance(node._get_node(leaf), StringNode):
+        return item
+    if value in ("", "null", "~") or value[:1] in ("'", '"') or value.startswith("${"):
+        return item
+    return f"{key}={json.dumps(value)}"
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
     """Build the run config. Raises :class:`ConfigError` with a one-line message."""
     cfg = OmegaConf.structured(RootConfig)
@@ -86,12 +104,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, value = item.split("=", 1)
         key = key.lstrip("+")
-        if key in groups:
+        if key == "trainer" and not value.endswith((".yaml", ".yml")):
+            # unlearning methods live in a registry (lmcleaner.unlearn.registry), checked by `unlearn`
+            dotted.append(f"trainer.handler={value}")
+        elif key in groups or key == "trainer":
             block = _load_yaml(_group_file(key, value))
             cfg = _merge(cfg, {key: block}, f"{key}={value}")
         else:
             dotted.append(f"{key}={value}")
     if dotted:
+        dotted = [_quote_for_string_field(cfg, item) for item in dotted]
         try:
             cli = OmegaConf.from_dotlist(dotted)
         except OmegaConfBaseException as err:
@@ -114,6 +136,8 @@ _CHOICES = {
 
 def validate(cfg: DictConfig) -> None:
     """Semantic checks the type system cannot express."""
+    if cfg.training.mixed_precision == "False":  # `mixed_precision: no` in a YAML file (YAML 1.1 reads no as false)
+        cfg.training.mixed_precision = "no"
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
@@ -129,8 +153,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"training_logger.max_steps={cfg.training_logger.max_steps}: the window must be >= 1 step")
     if cfg.training_logger.checkpoint_interval < 1:
         raise ConfigError("training_logger.checkpoint_interval must be >= 1")
-    if cfg.trainer.method_args.K < 1:
-        raise ConfigError(f"trainer.method_args.K={cfg.trainer.method_args.K}: K must be >= 1")
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

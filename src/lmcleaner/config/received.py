@@ -5,8 +5,8 @@ model and data from the config recorded in the run (``meta.json`` or
 ``trainer_state.json``). A crafted run could carry settings that run code or
 write elsewhere when honoured: ``model.trust_remote_code`` (the model's own
 Python files), ``telemetry_config`` (a logging YAML whose ``()`` factories
-call arbitrary functions), W&B uploads, a deletion-request file, a resume
-path. :func:`as_received` turns those off; only the current user's own
+call arbitrary functions), W&B uploads, a deletion-request file and online
+unlearning, a resume path, a pretraining cache directory. :func:`as_received` turns those off; only the current user's own
 command line (``--trust-remote-code``) turns remote code back on.
 
 Remote code: a model directory whose ``config.json`` or
@@ -91,7 +91,9 @@ def as_received(cfg: DictConfig, trust_remote_code: bool = False) -> DictConfig:
     cfg.telemetry_config = None  # the current user's default telemetry, never the run's YAML
     cfg.training.log_to_wandb = False
     cfg.training.forget_request_file = None
+    cfg.training.online_unlearning.method = None
     cfg.training.resume_from_checkpoint = None
+    cfg.pretrain.cache_dir = None  # a base:<preset> model comes from the current user's cache, never a path the run names
     cfg.training_logger.enabled = False
     cfg.training_logger.log_dir = None
     return cfg

@@ -37,13 +37,37 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters through ``peft``; only adapter weights are trained."""
+    """LoRA adapters through ``peft``; only adapter weights are trained.
+
+    ``target_modules``: module names to adapt; unset, the known targets of the
+    model type (peft's table: ``q_proj, v_proj`` for Llama, ``c_attn`` for
+    GPT-2, ...), or every linear layer (``all-linear``) for other types. A name
+    that matches nothing is a one-line error listing the model's linear modules.
+    """
 
     enabled: bool = False
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: Optional[list[str]] = None
+
+
+@dataclass
+class OnlineUnlearningConfig:
+    """How deletion requests that arrive *during* training are applied (``training.online_unlearning``).
+
+    Requests come from ``training.forget_request_file`` (lines
+    ``{"request_id": "r1", "ids": [17]}`` appended while the run trains) or
+    ``Trainer.request_forget``. ``method``: ``LMCleanerSample`` / ``LMCleanerBatch``
+    (a correction, then the ids are excluded from later batches), ``replay``
+    (exact: the run ends bit-identical to retraining without them), or
+    ``rollback`` / ``sgd_formula``; unset, a request stops training with an error.
+    """
+
+    method: Optional[str] = None
+    K: int = 800  # propagation window (LMCleaner methods)
+    hessian_mode: str = "exact"  # exact | GGN | diag
+    damping: float = 1e-4
 
 
 @dataclass
@@ -74,15 +98,18 @@ class TrainingConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     weight_decay: float = 0.0
+    weight_decay_exclude: list[str] = field(default_factory=list)  # parameter names trained without weight decay (HF Trainer's bias/norm rule; set by lmcleaner.integrations)
     max_grad_norm: float = 1.0  # <= 0 disables clipping
     scheduler: str = "cosine"  # cosine | linear | constant
     warmup_steps: int = 20
     mixed_precision: str = "no"  # no | fp16 | bf16
     save_precision: str = "float32"  # dtype of the exported model weights
     gradient_checkpointing: bool = False
-    distributed_strategy: str = "ddp"  # ddp | fsdp (multi-process via torchrun / accelerate launch)
+    # several processes (torchrun): ddp replicates the model; fsdp shards it with FSDP2 through Accelerate
+    # (sharded safetensors checkpoints, gathered export; recorder storage=light). One process ignores it.
+    distributed_strategy: str = "ddp"  # ddp | fsdp
     num_gpus: int = 0  # informational; the launcher decides the number of processes
-    fsdp_sharding_strategy: str = "FULL_SHARD"
+    fsdp_sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD (ZeRO-3) | SHARD_GRAD_OP (ZeRO-2)
     save_steps: int = 0  # 0: no intermediate checkpoints (the recorder may still ask for them)
     eval_steps: int = 0  # 0: no periodic eval
     save_total_limit: Optional[int] = None  # keep at most N checkpoints (the recorder's window is protected)
@@ -97,6 +124,7 @@ class TrainingConfig:
     resume_from_checkpoint: Optional[str] = None  # a checkpoint dir, or "latest"
     exclude_ids: list[int] = field(default_factory=list)  # samples removed from every batch (exact retrain)
     forget_request_file: Optional[str] = None  # online deletion requests, checked between steps
+    online_unlearning: OnlineUnlearningConfig = field(default_factory=OnlineUnlearningConfig)  # how they are applied
     router_aux_loss: bool = True  # add router losses when the model returns router logits
     load_balance_coef: float = 0.01
     auxiliary_coef: float = 0.0
@@ -126,28 +154,30 @@ class TrainingLoggerConfig:
     diag_probes: int = 1  # diag/hutchinson: probe vectors per step
 
 
-@dataclass
-class MethodArgs:
-    """Arguments of an unlearning method (``trainer.method_args``)."""
-
-    training_log_dir: Optional[str] = None
-    K: int = 800
-    hessian_mode: str = "exact"  # exact | GGN | diag (exact: double-backward HVP, measured cheaper and more accurate than GGN here)
-    damping: float = 1e-4
-    apply_immediately: bool = True
-    audit_dir: Optional[str] = None
-    batch_size_at_training: Optional[int] = None
-    fallback_to_replay: bool = True  # a correction flagged as diverged is replaced by exact replay
-    lr: float = 1e-4  # GradAscent baseline
-    steps: int = 5  # GradAscent baseline
+def _session_method_args() -> dict[str, Any]:
+    return {"training_log_dir": None, "apply_immediately": True, "audit_dir": None, "fallback_to_replay": True}
 
 
 @dataclass
 class UnlearnTrainerConfig:
-    """Which unlearning method (``trainer=LMCleanerBatch`` selects a preset)."""
+    """Which unlearning method and its arguments.
 
-    handler: str = "LMCleanerBatchLevel"
-    method_args: MethodArgs = field(default_factory=MethodArgs)
+    ``handler`` (or ``trainer=NAME``): a registered method, see
+    ``lmcleaner unlearn --help`` or ``lmcleaner.unlearn.registry``.
+    ``method_args``: the method's own arguments (its ``Config`` dataclass in
+    ``lmcleaner/unlearn/handlers/``, e.g. ``K``, ``hessian_mode`` for
+    LMCleaner; checked against it, unknown keys are an error) plus the
+    session keys every method shares:
+
+    - ``training_log_dir``: the trajectory log (default: ``<run>/training_log``);
+    - ``apply_immediately``: write the unlearned model (else only the correction);
+    - ``audit_dir``: where the audit log goes (default: ``<output>/audit``);
+    - ``fallback_to_replay``: a correction the divergence guard flags is
+      replaced by exact replay.
+    """
+
+    handler: str = "auto"  # per request: an approximation when its estimated error is small enough, else replay
+    method_args: dict[str, Any] = field(default_factory=_session_method_args)
 
 
 @dataclass
@@ -158,6 +188,7 @@ class UnlearnConfig:
     model_dir: Optional[str] = None  # trained run dir (default: training.output_dir)
     output_dir: Optional[str] = None  # default: a fresh <run>/unlearned-<method>[-N] (retrain: <run>/retrain[-N])
     overwrite: bool = False  # replace an existing output_dir (its audit records are kept); never the source run
+    max_error: Optional[float] = None  # trainer=auto: accepted estimated relative error (default: the method's 0.1)
 
 
 @dataclass
@@ -182,6 +213,27 @@ class DemoConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """``lmcleaner pretrain``: the project's own base model (``train.pretrain``).
+
+    Pretrains an embedded model preset on a generated corpus of entities
+    disjoint from the fine-tuning data, cached by these settings; fine-tune
+    from it with ``model.name_or_path=base:tiny-llama``.
+    """
+
+    model: str = "tiny-llama"  # model preset (conf/model) or YAML of an embedded (config-built) model
+    steps: int = 1200  # optimizer steps of pretraining
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    num_entities: int = 400  # fictitious people in the corpus (13 texts each, plus places and books)
+    max_length: int = 128
+    seed: int = 1234
+    cache_dir: Optional[str] = None  # default: $LMCLEANER_CACHE, $XDG_CACHE_HOME/lmcleaner or ~/.cache/lmcleaner
+    progress_bar: bool = True
+    threads: int = 1  # intra-op threads while pretraining (tiny models: 1 is fastest)
+
+
+@dataclass
 class RootConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -190,5 +242,6 @@ class RootConfig:
     trainer: UnlearnTrainerConfig = field(default_factory=UnlearnTrainerConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     telemetry_config: Optional[str] = None  # YAML for lmcleaner.telemetry (default config when None)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form user keys (demo, eval, sweeps)

@@ -201,10 +201,12 @@ class AtomicDir:
     """
 
     def __init__(self, final: str | os.PathLike, tmp_parent: str | os.PathLike | None = None, prefix: str = "",
-                 replace: bool = True):
+                 replace: bool = True, tag: str | None = None):
         self.final = Path(final)
         self.tmp_parent = Path(tmp_parent) if tmp_parent is not None else self.final.parent
-        self.tmp = self.tmp_parent / f"{prefix}{self.final.name}.tmp-{os.getpid()}"
+        # tag: the PID of the process that owns the temp dir when several processes write into it
+        # (the main rank's: sharded checkpoints, a multi-process retrain); default: this process's
+        self.tmp = self.tmp_parent / f"{prefix}{self.final.name}.tmp-{tag or os.getpid()}"
         self.replace = replace  # False: never replace a ``final`` that appeared meanwhile
         self.committed = False
 

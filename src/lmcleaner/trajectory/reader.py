@@ -303,9 +303,11 @@ class TrajectoryLog:
                 if fp == self.meta.get("dataset_fingerprint"):
                     points[(step, restore.CHECKPOINT)] = RestorePoint(step, cpath.resolve(), files=files)
         self.all_restore_points = sorted(points.values(), key=lambda p: (p.step, p.kind))
+        from ..train.checkpoint import has_params
+
         usable = []
         for p in self.all_restore_points:
-            if not ((p.path / "model.safetensors").is_file() and p.step <= hi):
+            if not (has_params(p.path) and p.step <= hi):
                 continue
             try:  # cheap: compares the hash tables; the files are hashed when loaded
                 own = read_checksums(p.path)

@@ -41,10 +41,14 @@ def preserved_rng() -> Iterator[None]:
 
 def replay_config(log: TrajectoryLog, trust_remote_code: bool = False):
     """The run's config, made safe to rebuild in-process (no resume, no recorder, quiet,
-    nothing from the run that could execute code unless the caller trusts it)."""
+    nothing from the run that could execute code unless the caller trusts it), for this
+    launch's world size: a run recorded on N ranks replays at N ranks bit for bit, or with
+    fewer processes (one) whose accumulation makes up the same global batch (float tolerance)."""
     from ..config.received import as_received
+    from ..train.distributed import same_global_batch
 
     cfg = as_received(log.config(), trust_remote_code)
+    same_global_batch(cfg.training, int(log.meta.get("world_size", 1)))
     cfg.training.progress_bar = False
     cfg.training.logging_steps = 0
     return cfg

@@ -20,10 +20,31 @@ keys:
   unlearn.output_dir      where the unlearned model goes (default: a fresh <run>/unlearned-<method>[-N]);
                           refused when it is the run, inside it, contains it, or exists
   unlearn.overwrite=true  replace an existing output_dir (its audit records are kept; never the run)
-  trainer=PRESET          LMCleanerBatch | LMCleanerSample | replay | rollback | sgd_formula | GradAscent
-  trainer.method_args.{training_log_dir, K, hessian_mode=GGN|exact|diag, damping, apply_immediately, audit_dir}
+  unlearn.max_error       trainer=auto: the accepted estimated relative error
+  training.progress_bar=false
+                          no progress display (a bar with ETA on a terminal, plain lines otherwise)
+  trainer=METHOD          a registered method (below), or a YAML file with handler: and method_args:
+  trainer.method_args.KEY the method's arguments (below), and for every method:
+                          training_log_dir, apply_immediately, audit_dir, fallback_to_replay
 The run's own training config is read from its trajectory log; only the keys above matter here.
-A received run is data: its trust_remote_code setting is ignored (see --trust-remote-code)."""
+A received run is data: its trust_remote_code setting is ignored (see --trust-remote-code).
+
+methods:
+{methods}"""
+
+
+class _Help(argparse.Action):
+    """``-h``: the method list comes from the registry, read only when help is asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .registry import describe_methods
+
+        parser.epilog = OVERRIDES.format(methods=describe_methods())
+        parser.print_help()
+        parser.exit()
 
 
 def register(sub) -> None:
@@ -31,7 +52,8 @@ def register(sub) -> None:
                        description="Compute the unlearned model for a deletion request from the recorded trajectory "
                                    "and write it (from_pretrained directory) with an audit record. The source run "
                                    "is not modified.",
-                       epilog=OVERRIDES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    p.add_argument("-h", "--help", action=_Help, help="show this help (with every method and its arguments) and exit")
     p.add_argument("--config", help="YAML file merged over the defaults")
     p.add_argument("--print-config", action="store_true")
     add_trust_flag(p)
@@ -52,8 +74,9 @@ def warn_trust(command: str, enabled: bool) -> None:
 
 
 def run(args) -> int:
-    from ..config import load_config
-    from .session import UnlearnSession, canonical_method
+    from ..config import load_config, to_dict
+    from .registry import canonical_method, method_config, split_method_args
+    from .session import UnlearnSession
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
@@ -61,22 +84,31 @@ def run(args) -> int:
 
         print(OmegaConf.to_yaml(cfg))
         return 0
-    ma = cfg.trainer.method_args
+    ma, margs = split_method_args(to_dict(cfg.trainer.method_args))
     method = canonical_method(cfg.trainer.handler)
-    run_dir = cfg.unlearn.model_dir or (None if ma.training_log_dir else cfg.training.output_dir)
+    if cfg.unlearn.max_error is not None and method == "auto":
+        margs["max_error"] = cfg.unlearn.max_error
+    method_config(method, margs)  # a bad argument fails before the run is opened
+    log_dir = ma.get("training_log_dir")
+    run_dir = cfg.unlearn.model_dir or (None if log_dir else cfg.training.output_dir)
     warn_trust("unlearn", args.trust_remote_code)
-    session = UnlearnSession(run_dir, ma.training_log_dir, trust_remote_code=args.trust_remote_code)
+    session = UnlearnSession(run_dir, log_dir, trust_remote_code=args.trust_remote_code)
+    session.progress = bool(cfg.training.progress_bar)  # this command's display (false: no progress lines)
     out = Path(cfg.unlearn.output_dir) if cfg.unlearn.output_dir else session.default_output(method)
-    # Refusals (output over the source, existing, read-only) happen now, before any computation.
+    # Refusals (output over the source, existing, read-only) happen now, before any computation;
+    # under torchrun only the main rank reserves and writes (the others get None).
     target = session.reserve_output(out, cfg.unlearn.overwrite)
     try:
         ids = session.resolve(cfg.unlearn.forget)
-        result = session.run(method, ids, K=ma.K, hessian_mode=ma.hessian_mode, damping=ma.damping, lr=ma.lr,
-                             steps=ma.steps, fallback_to_replay=ma.fallback_to_replay and method != "replay")
-        out = session.save(result, out, ma.audit_dir, apply=ma.apply_immediately, reserved=target)
+        result = session.run(method, ids, fallback_to_replay=bool(ma.get("fallback_to_replay", True)), **margs)
+        out = session.save(result, out, ma.get("audit_dir"), apply=bool(ma.get("apply_immediately", True)),
+                           reserved=target)
     except BaseException:
-        target.abort()
+        if target is not None:
+            target.abort()
         raise
+    if not session.is_main_process:  # under torchrun every rank computes, the main one reports
+        return 0
     if result.info.get("fallback_from"):
         print(f"lmcleaner unlearn: warning: {method} diverged (retain loss "
               f"{result.info['fallback_from']['retain_loss_after']:.3f}); the result is exact replay instead "

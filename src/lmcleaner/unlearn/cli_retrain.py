@@ -67,25 +67,23 @@ def recorded_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
     raise UnlearnError(f"{run_dir} is not a trained run (no training_log/meta.json or trainer_state.json)")
 
 
-def retrain_config(run_dir: Path, forget_ids: list[int], output_dir: Path, world_size: int = 1,
+def retrain_config(run_dir: Path, forget_ids: list[int], output_dir: Path, world_size: int | None = None,
                    trust_remote_code: bool = False):
     """The run's own config with ``exclude_ids`` set, the recorder off, the recorded global batch
-    kept for ``world_size`` processes, and nothing from the run that could run code."""
+    kept for ``world_size`` processes (default: this launch's), and nothing from the run that could
+    run code."""
     from ..config.received import as_received, merge_recorded
+    from ..train.distributed import DistributedConfigError, same_global_batch
     from .session import UnlearnError
 
     recorded, facts, source = recorded_run(Path(run_dir))
     cfg = as_received(merge_recorded(recorded, str(source)), trust_remote_code)
     cfg.training.exclude_ids = sorted(set(forget_ids) | set(cfg.training.exclude_ids))
     cfg.training.output_dir = str(output_dir)
-    recorded_ws = int(facts.get("world_size") or 1)
-    if recorded_ws != world_size:
-        micro = cfg.training.gradient_accumulation_steps * recorded_ws  # micro-batches per global batch
-        if micro % world_size:
-            raise UnlearnError(f"{source}: recorded with world size {recorded_ws} ({micro} micro-batches of "
-                               f"{cfg.training.batch_size} per step), which {world_size} processes cannot split "
-                               f"evenly: retrain with a world size dividing {micro}")
-        cfg.training.gradient_accumulation_steps = micro // world_size
+    try:  # same global batch at this launch's world size (the same batch plan)
+        same_global_batch(cfg.training, int(facts.get("world_size") or 1), world_size)
+    except DistributedConfigError as err:
+        raise UnlearnError(f"{source}: {err}") from None
     return cfg
 
 
@@ -134,6 +132,7 @@ def run(args) -> int:
     from ..config import load_config
     from ..data import BatchPlan, build_dataset, load_tokenizer
     from ..train import Trainer
+    from ..train.distributed import main_process_pid
     from ..train.outputs import AtomicDir, check_output, fresh_child, is_within, resolved
     from .cli import warn_trust
     from .forget_set import resolve_forget_ids, validate_ids
@@ -145,34 +144,46 @@ def run(args) -> int:
         raise UnlearnError(f"unlearn.model_dir={run_dir}: no such directory (give a trained run)")
     out = Path(cfg.unlearn.output_dir) if cfg.unlearn.output_dir else fresh_child(run_dir, "retrain")
     sources = [run_dir, run_dir / "training_log"]
+    state0 = PartialState()
+    world, main = state0.num_processes, state0.is_main_process
     final = check_output(out, sources, overwrite=cfg.unlearn.overwrite, key="unlearn.output_dir",
                          overwrite_key="unlearn.overwrite",
                          allowed_inside=lambda o, s: o.parent == s and o.name.startswith("retrain"))
     warn_trust("retrain", args.trust_remote_code)
-    world = PartialState().num_processes
     base = retrain_config(run_dir, [], final, world, args.trust_remote_code)
     tok = load_tokenizer(base.model.tokenizer, base.model.name_or_path, args.trust_remote_code)
     dataset = build_dataset(base.training, tok)
     ids = resolve_forget_ids(cfg.unlearn.forget, dataset.records)
     validate_ids(ids, len(dataset))
     rcfg = retrain_config(run_dir, ids, final, world, args.trust_remote_code)
+    rcfg.training.progress_bar = cfg.training.progress_bar  # this command's display, not the recorded run's
     t = rcfg.training
     plan = BatchPlan(len(dataset), t.batch_size, t.gradient_accumulation_steps, world, t.seed)
     facts = _check_recorded(run_dir, rcfg, plan, dataset.fingerprint, ids)
-    # Train into a temporary directory outside the source run (reserved now: a read-only
-    # output fails before any training) and rename it into place at the end.
+    # Train into a temporary directory outside the source run (reserved now: a read-only output
+    # fails before any training) and rename it into place at the end. Under torchrun every rank
+    # trains into the one directory the main rank reserved (named with its PID) and only it renames.
     outer = [s for s in map(resolved, sources) if is_within(final, s)]
     overwrite = cfg.unlearn.overwrite
-    target = (AtomicDir(final, outer[0].parent, prefix=f".{outer[0].name}--", replace=overwrite) if outer
-              else AtomicDir(final, replace=overwrite)).reserve()
+    owner = str(main_process_pid(state0.device))
+    target = (AtomicDir(final, outer[0].parent, prefix=f".{outer[0].name}--", replace=overwrite, tag=owner) if outer
+              else AtomicDir(final, replace=overwrite, tag=owner))
     try:
+        if main:
+            target.reserve()
+        state0.wait_for_everyone()
         trainer = Trainer(rcfg, tokenizer=tok)
         trainer.output_dir = target.tmp  # the config (and trainer_state.json) names the final directory
         state = trainer.train()
-        target.commit()
+        if main:
+            target.commit()
+        state0.wait_for_everyone()
     except BaseException:
-        target.abort()
+        if main:
+            target.abort()
         raise
+    if not main:  # under torchrun the main process reports
+        return 0
     print(json.dumps({"output_dir": str(final), "model_dir": str(final / "final_model"), "forget_ids": ids,
                       "unused_ids": facts["unused_ids"], "earliest_use": facts["earliest_use"],
                       "steps": state.step, "gradient_accumulation_steps": t.gradient_accumulation_steps,

@@ -27,9 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +38,8 @@ from ..train.outputs import AtomicDir, check_output, fresh_child, is_within, res
 from ..train.trainer import model_fingerprint
 from .audit import append_audit_record, new_request_id, read_audit_records, weights_fingerprint
 from .forget_set import ForgetSetError, resolve_forget_ids, validate_ids
-from .grad_ascent import grad_ascent
-from .methods import LMCleanerBatchLevel, LMCleanerSampleLevel, Rollback, SGDFormula, apply_correction
-
-METHODS = ("LMCleanerBatchLevel", "LMCleanerSampleLevel", "replay", "rollback", "sgd_formula", "GradAscent")
-_ALIASES = {"LMCleanerBatch": "LMCleanerBatchLevel", "LMCleanerSample": "LMCleanerSampleLevel",
-            "Replay": "replay", "Rollback": "rollback", "SGDFormula": "sgd_formula", "grad_ascent": "GradAscent"}
+from .registry import canonical_method, get_method, method_config
+from .result import UnlearnError, UnlearnResult
 
 
 @contextmanager
@@ -63,27 +57,6 @@ def recorded_threads(n: int | None):
 log = logging.getLogger("lmcleaner.unlearn")
 GUARD_ROWS = 32
 GUARD_TOLERANCE = 0.25  # relative retain-loss increase flagged as a diverged correction
-
-
-class UnlearnError(ValueError):
-    """A one-line problem with an unlearning request (bad ids, window, fingerprints)."""
-
-
-def canonical_method(name: str) -> str:
-    name = _ALIASES.get(name, name)
-    if name not in METHODS:
-        raise UnlearnError(f"unknown unlearning method '{name}': choose one of {list(METHODS)}")
-    return name
-
-
-@dataclass
-class UnlearnResult:
-    method: str
-    forget_ids: list[int]
-    tau: int
-    params: dict[str, torch.Tensor]  # the unlearned trainable parameters at tau
-    opt_state: dict[str, dict[str, torch.Tensor]] | None  # corrected optimizer state (None: not corrected)
-    info: dict[str, Any] = field(default_factory=dict)  # cost, norms, steps, settings (JSON-able)
 
 
 def find_log_dir(run_dir: Path) -> Path:
@@ -119,10 +92,36 @@ class UnlearnSession:
             raise UnlearnError(f"model fingerprint mismatch: the log at {self.log_dir} belongs to another "
                                "model/LoRA setup")
         self.tau = self.log.end
+        self.progress, self.progress_leave = True, True  # progress display of run() (steps replayed, ETA)
         self.spec = self.log.optimizer_spec
         # The methods evaluate losses functionally; give them their own module so
-        # replay (which mutates the engine's parameters) cannot interfere.
-        self.template = copy.deepcopy(self.trainer.engine.unwrapped)
+        # replay (which mutates the engine's parameters) cannot interfere. Under FSDP
+        # it is an unsharded copy (every rank: the sweep is data-parallel, not sharded).
+        acc = self.trainer.accelerator
+        self.template = self.trainer.plain_model(device=acc.device)
+        if getattr(self.template, "is_activation_checkpointing", False):
+            # Curvature runs under functional transforms, which checkpointing's input-grad hook breaks;
+            # checkpointing saves memory and does not change values.
+            self.template.activation_checkpointing_disable()
+            self.template.disable_input_require_grads()
+
+    # ------------------------------------------------------------ past steps
+    def iter_steps(self, start: int, end: int):
+        """``ReplayedStep`` for ``start..end-1``: from heavy storage when the log has update
+        vectors (``trajectory.heavy``: no replay), else by exact replay. Returns
+        ``(iterator, cost)`` where ``cost()`` is the training steps or gradients the
+        recovery of past parameters has taken so far."""
+        if self.log.storage == "heavy" and self.log.has_updates:
+            from ..trajectory.heavy import HeavySteps
+            from ..trajectory.reconstruct import BatchReconstructor
+            from .functional import FunctionalLM
+
+            fl = FunctionalLM(self.template, list(self.trainer.engine.trainable()))
+            rec = BatchReconstructor(self.log, self.trainer.dataset, self.trainer.engine.collator)
+            source = HeavySteps(self.log, rec, self.spec, grad_fn=fl.grad)
+            return source(start, end), (lambda: float(source.grad_evals))
+        before = self.replayer.steps_run
+        return self.replayer.iter_steps(start, end), (lambda: float(self.replayer.steps_run - before))
 
     # ------------------------------------------------------------ requests
     def resolve(self, forget: Any) -> list[int]:
@@ -188,72 +187,45 @@ class UnlearnSession:
     def run(self, method: str, ids: list[int], fallback_to_replay: bool = False, **kwargs: Any) -> UnlearnResult:
         """Compute the unlearned state for ``ids`` with ``method`` (nothing is written).
 
-        With ``fallback_to_replay``, a correction the divergence guard flags is
-        replaced by exact replay (the audit keeps both: ``fallback_from``)."""
+        ``kwargs`` are the method's arguments (its ``Config`` in ``unlearn.handlers``;
+        unknown names are a one-line error). With ``fallback_to_replay``, a
+        correction the divergence guard flags is replaced by exact replay (the
+        audit keeps both: ``fallback_from``)."""
+        cls = get_method(method)
+        cfg = method_config(cls, kwargs)
         used, unused = self.split_used(ids)
         if not used:
             raise UnlearnError(f"samples {unused[:5]} were never used in a recorded training step: nothing to forget")
         if unused:
             log.info("samples %s were never used in a recorded step: nothing to unlearn for them", unused[:10])
-        with recorded_threads(self.log.meta.get("torch_num_threads")):
-            result = self._run_method(method, used, **kwargs)
-            if fallback_to_replay and result.info.get("diverged"):
+        budget = self._replay_budget(used)
+        with recorded_threads(self.log.meta.get("torch_num_threads")), \
+                self.replayer.progress(budget, f"unlearn {cls.name}", self.progress, self.progress_leave):
+            result = cls().run(self, used, cfg)
+            est = result.info.get("estimated_error")
+            if est is not None and est >= 1.0:  # its own estimate says: no better than doing nothing
+                result.info["diverged"] = True
+                result.info["diverged_reason"] = f"estimated error {est:.3g} >= 1 (doing nothing scores 1)"
+            if fallback_to_replay and result.info.get("diverged") and not cls.exact:
                 log.warning("%s diverged; falling back to exact replay", result.method)
                 first = {k: result.info.get(k) for k in ("method", "K", "hessian_mode", "retain_loss_after",
                                                           "seconds", "grad_equivalents_total")}
-                result = self._run_method("replay", used)
+                replay = get_method("replay")
+                result = replay().run(self, used, method_config(replay))
                 result.info["fallback_from"] = first
                 result.info["seconds"] += first["seconds"] or 0.0
                 result.info["grad_equivalents_total"] += first["grad_equivalents_total"] or 0.0
         result.info["unused_ids"] = unused
         return result
 
-    def _run_method(self, method: str, ids: list[int], K: int = 800, hessian_mode: str = "exact",
-                    damping: float = 1e-4, lr: float = 1e-4, steps: int = 5, **extra: Any) -> UnlearnResult:
-        method = canonical_method(method)
-        if K < 1:
-            raise UnlearnError(f"K={K}: the propagation window must be >= 1 step")
-        touched = self.steps_for(ids)
-        t0 = time.perf_counter()
-        if method == "replay":
-            return self._replay(ids, touched, t0)
-        if method == "GradAscent":
-            return self._grad_ascent(ids, touched, lr, steps, t0)
-        if hessian_mode == "diag" and self.log.storage != "diag" and method not in ("rollback",):
-            raise UnlearnError("hessian_mode=diag needs a log recorded with training_logger.storage=diag "
-                               "(or compute_diag_h=true); use hessian_mode=GGN or exact")
-        level = "batch" if method == "LMCleanerBatchLevel" else "sample"
-        if method == "LMCleanerSampleLevel":
-            algo = LMCleanerSampleLevel(K=K, hessian_mode=hessian_mode, damping=damping, **extra)
-        elif method == "LMCleanerBatchLevel":
-            algo = LMCleanerBatchLevel(K=K, hessian_mode=hessian_mode, damping=damping, **extra)
-        elif method == "rollback":
-            algo = Rollback(level=extra.pop("level", "sample"))
-        else:
-            algo = SGDFormula(level=extra.pop("level", "sample"), K=K, hessian_mode=hessian_mode, damping=damping)
-        forget = touched if level == "batch" else ids
-        start = touched[0]
-        # Past the last injection + K steps nothing is propagated: the sweep can stop there.
-        reach = 0 if method == "rollback" else K
-        end = min(self.tau, touched[-1] + reach + 1)
-        restore = self.log.restore_point_for(start).step
-        steps_iter = self.replayer.iter_steps(start, end)
-        diag = self.log.diag_provider() if hessian_mode == "diag" and self.log.storage == "diag" else None
-        corr = algo.compute(self.template, steps_iter, self.spec, forget, self.tau, diag, last_injection=touched[-1])
-        theta, opt_state = self.replayer.state_at(self.tau)
-        params, new_state = apply_correction(theta, opt_state, corr)
-        seconds = time.perf_counter() - t0
-        guard = self.retain_guard(theta, params, ids)
-        audit = corr.audit.to_json()
-        recovery = (start - restore) + (end - start)  # training steps replayed to recover past parameters
-        info = {**audit, "method": method, "steps_touched": touched, "recovery_steps": recovery,
-                "grad_equivalents_total": audit["grad_equivalents"] + recovery, "seconds": seconds,
-                "sweep_range": [start, end], "restored_from": restore, **guard}
-        if guard["diverged"]:
-            log.warning("%s: the correction raised the retain loss from %.3f to %.3f; the linearised propagation "
-                        "is probably outside its regime (large steps or a large deletion): prefer method=replay",
-                        method, guard["retain_loss_before"], guard["retain_loss_after"])
-        return UnlearnResult(method, ids, self.tau, params, new_state, info)
+    def _replay_budget(self, ids: list[int]) -> int:
+        """Steps a method replays at most: from the restore point before the first use to tau."""
+        from ..trajectory import TrajectoryLogError
+
+        try:
+            return self.tau - self.log.restore_point_for(self.log.steps_containing(ids)[0]).step
+        except TrajectoryLogError:  # the method itself reports it, with its own context
+            return self.tau
 
     @torch.no_grad()
     def retain_loss(self, params: dict[str, torch.Tensor], ids: list[int]) -> float:
@@ -276,25 +248,6 @@ class UnlearnSession:
         return {"retain_loss_before": before, "retain_loss_after": after,
                 "diverged": bool(after > before * (1 + GUARD_TOLERANCE) + 0.05)}
 
-    def _replay(self, ids: list[int], touched: list[int], t0: float) -> UnlearnResult:
-        res = self.replayer.counterfactual(ids, start=touched[0], end=self.tau)
-        seconds = time.perf_counter() - t0
-        info = {"method": "replay", "steps_touched": touched, "restored_from": res.restored_from,
-                "recovery_steps": res.steps_replayed, "grad_equivalents_total": float(res.steps_replayed),
-                "grad_equivalents": float(res.steps_replayed), "seconds": seconds, "K": None, "hessian_mode": None}
-        return UnlearnResult("replay", ids, self.tau, res.params, res.opt_state, info)
-
-    def _grad_ascent(self, ids: list[int], touched: list[int], lr: float, steps: int, t0: float) -> UnlearnResult:
-        theta, _ = self.replayer.state_at(self.tau)
-        model = copy.deepcopy(self.template)
-        model.load_state_dict(theta, strict=False)
-        stats = grad_ascent(model, self.trainer.dataset, ids, lr=lr, steps=steps)
-        params = {n: p.detach().clone() for n, p in model.named_parameters() if n in theta}
-        info = {"method": "GradAscent", "steps_touched": touched, "lr": lr, "ascent_epochs": steps, **stats,
-                "grad_equivalents": float(stats["updates"]), "grad_equivalents_total": float(stats["updates"]),
-                "recovery_steps": 0, "seconds": time.perf_counter() - t0, "K": None, "hessian_mode": None}
-        return UnlearnResult("GradAscent", ids, self.tau, params, None, info)
-
     # ---------------------------------------------------------------- write
     def model_with(self, params: dict[str, torch.Tensor]) -> torch.nn.Module:
         model = copy.deepcopy(self.template)
@@ -303,6 +256,10 @@ class UnlearnSession:
             raise UnlearnError(f"unlearned parameters {sorted(missing)[:3]} are not in the model")
         model.load_state_dict(params, strict=False)
         return model
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.trainer.accelerator.is_main_process
 
     # ------------------------------------------------------------- outputs
     @property
@@ -319,10 +276,15 @@ class UnlearnSession:
         return check_output(out_dir, self.sources, overwrite=overwrite, key="unlearn.output_dir",
                             overwrite_key="unlearn.overwrite", allowed_inside=_default_location)
 
-    def reserve_output(self, out_dir: str | Path, overwrite: bool = False) -> AtomicDir:
+    def reserve_output(self, out_dir: str | Path, overwrite: bool = False) -> AtomicDir | None:
         """Check ``out_dir`` and create its temporary directory now, before any computation,
-        outside the source run (a default output inside the run is renamed into it at the end)."""
+        outside the source run (a default output inside the run is renamed into it at the end).
+        Under several processes only the main one writes: the others get ``None``."""
+        if not self.is_main_process:
+            return None
         out = self.check_output(out_dir, overwrite)
+        if out.is_dir():  # replacing an output keeps its audit: a damaged one is refused now, not after the work
+            read_audit_records(out / "audit")
         inside = [s for s in map(resolved, self.sources) if is_within(out, s)]
         if inside:
             outer = min(inside, key=lambda p: len(p.parts))
@@ -338,14 +300,31 @@ class UnlearnSession:
         :meth:`reserve_output` already created for it. The audit record is
         written inside the temporary directory before the rename (a kill never
         leaves a model without its audit); replacing an output keeps its earlier
-        records. ``audit_dir`` additionally appends the record to a shared log."""
-        target = reserved
+        records. ``audit_dir`` additionally appends the record to a shared log.
+
+        Under several processes every rank calls it (recovering ``theta_tau`` is
+        collective) and only the main one writes; the others wait for it."""
         try:
-            before = weights_fingerprint(self.replayer.state_at(self.tau)[0])
+            theta = self.replayer.state_at(self.tau)[0]
+            before = weights_fingerprint(theta)
             after = weights_fingerprint(result.params)
             if before == after:
                 raise UnlearnError("the unlearned weights equal the original ones bit for bit: refusing to write a "
                                    "no-op result (check the forget ids and the method)")
+        except BaseException:
+            if reserved is not None:
+                reserved.abort()
+            raise
+        out = reserved.final if reserved is not None else Path(out_dir)
+        if self.is_main_process:
+            out = self._write(result, out_dir, audit_dir, request_id, apply, overwrite, reserved, theta, before, after)
+        self.trainer.accelerator.wait_for_everyone()
+        return out
+
+    def _write(self, result: UnlearnResult, out_dir: str | Path, audit_dir, request_id, apply: bool,
+               overwrite: bool, reserved: AtomicDir | None, theta, before: str, after: str) -> Path:
+        target = reserved
+        try:
             if audit_dir is not None:
                 check_output(audit_dir, self.sources, overwrite=True, key="trainer.method_args.audit_dir")
             target = target or self.reserve_output(out_dir, overwrite)
@@ -355,7 +334,6 @@ class UnlearnSession:
                 write_model_files(self.model_with(result.params), self.trainer.tokenizer, target.tmp,
                                   self.trainer.t.save_precision)
             else:
-                theta = self.replayer.state_at(self.tau)[0]
                 delta = {n: (result.params[n].float() - theta[n].float()).contiguous() for n in result.params}
                 save_tensors(delta, target.tmp / "correction.safetensors")
             record = {
@@ -385,3 +363,5 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 USER_ERRORS = (UnlearnError, ForgetSetError)
+__all__ = ["USER_ERRORS", "UnlearnError", "UnlearnResult", "UnlearnSession", "canonical_method", "find_log_dir",
+           "recorded_threads"]

@@ -1,0 +1,202 @@
+"""Shared runner of the correction methods (LMCleaner and its reference baselines).
+
+A correction method computes a deviation at ``tau`` from one sweep over the
+replayed trajectory (``unlearn.methods``), adds it to the trained state
+(parameters and optimizer state) and measures the divergence guard. The
+sweep starts at the first step that used a forgotten sample; it stops once
+every injection's window is complete (later steps only carry deviations), so
+the training steps replayed to recover past parameters are
+``(first - restore point) + (end - first)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..result import UnlearnError, UnlearnResult
+
+log = logging.getLogger("lmcleaner.unlearn")
+
+
+@dataclass
+class PropagationConfig:
+    """Arguments of the LMCleaner propagation (``trainer.method_args``).
+
+    ``K``: truncation window in steps (``>= 1``; ``>= tau`` is the full window);
+    ``hessian_mode``: curvature backend (``exact`` double-backward HVP, ``GGN``,
+    ``diag`` with a diag-mode log); ``damping``: ``lambda`` in
+    ``d <- d - eta lambda d``; ``optimizer_map``: ``exact`` (the optimizer's own
+    map evaluated on the linearised gradient) or ``linear`` (DESIGN's tangents);
+    ``exact_impl``: ``double_backward|rev_rev|fwd_rev``;
+    ``track_second_moment=false`` freezes AdamW's ``v`` (a baseline).
+    """
+
+    K: int = 800
+    hessian_mode: str = "exact"
+    damping: float = 1e-4
+    optimizer_map: str = "exact"
+    exact_impl: str = "double_backward"
+    track_second_moment: bool = True
+    # propagation inside the window: linear (HVPs, DESIGN §3) | replay (exact replay, unlearn.windowed)
+    propagation: str = "linear"
+    carry: str = "frozen"  # propagation=replay, past the window: frozen | momentum | linear
+    carry_hessian_mode: str = "exact"  # curvature of carry=linear
+    tol: float = 0.0  # propagation=replay: > 0 extends a window until its estimated carry error is <= tol
+
+    def validate(self) -> None:
+        if self.K < 1:
+            raise ValueError(f"trainer.method_args.K={self.K}: the propagation window K must be >= 1 step")
+        if self.propagation not in ("linear", "replay"):
+            raise ValueError(f"trainer.method_args.propagation={self.propagation!r}: use linear or replay")
+
+
+class CorrectionMethod:
+    """Base of the handlers that add a computed deviation to the trained state."""
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    exact: ClassVar[bool] = False
+    level: ClassVar[str] = "sample"
+
+    def algorithm(self, cfg: Any):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------- error estimate
+    def _probe_step(self, session, touched: list[int], level: str) -> int | None:
+        """The first restore point after the first use, when reaching it costs at most the
+        probe budget (sample level only: the exact counterfactual is a replay without the ids)."""
+        from ..windowed import window_boundary
+
+        if level != "sample":
+            return None
+        p = window_boundary(session.log, touched[0] + 1, session.tau)
+        cost = p - session.log.restore_point_for(touched[0]).step
+        return p if (p < session.tau and cost <= _probe_budget(session, touched[0])) else None
+
+    def _estimate(self, session, ids: list[int], touched: list[int], probe: int | None, corr) -> dict[str, Any]:
+        """``estimated_error``: the correction's relative error against an exact replay of its first
+        segment (first use to the next restore point). It measures linearisation (and truncation)
+        error where it can be had cheaply; it is a lower estimate of the error at ``tau``, which
+        compounds, so a value near or above 1 means the correction is no better than doing nothing."""
+        if probe is None or corr.probe is None:
+            return {"estimated_error": None, "estimate_source": "none (no affordable probe segment)",
+                    "probe_steps": 0}
+        res = session.replayer.counterfactual(ids, start=touched[0], end=probe)
+        theta_p, _ = session.replayer.state_at(probe)
+        exact = {n: res.params[n].double() - theta_p[n].double() for n in theta_p}
+        num = sum(float(((corr.probe[n].double() - exact[n]) ** 2).sum()) for n in exact) ** 0.5
+        den = sum(float((exact[n] ** 2).sum()) for n in exact) ** 0.5
+        est = num / den if den > 0 else None
+        return {"estimated_error": est, "estimate_source": f"exact replay of steps {touched[0]}..{probe - 1}",
+                "probe_steps": res.steps_replayed}
+
+    def reach(self, cfg: Any) -> int:
+        """Steps propagated after the last injection (the sweep stops there)."""
+        return int(cfg.K)
+
+    def run(self, session, ids: list[int], cfg: Any) -> UnlearnResult:
+        t0 = time.perf_counter()
+        touched = session.steps_for(ids)
+        hessian_mode = getattr(cfg, "hessian_mode", None)
+        level = getattr(cfg, "level", self.level)
+        if hessian_mode == "diag" and session.log.storage != "diag" and self.reach(cfg) > 0:
+            raise UnlearnError("hessian_mode=diag needs a log recorded with training_logger.storage=diag "
+                               "(or compute_diag_h=true); use hessian_mode=GGN or exact")
+        try:
+            algo = self.algorithm(cfg)
+        except ValueError as err:
+            raise UnlearnError(str(err)) from None
+        forget = touched if level == "batch" else ids
+        start = touched[0]
+        end = min(session.tau, touched[-1] + self.reach(cfg) + 1)
+        restore = session.log.restore_point_for(start).step
+        steps_iter, recovery_cost = session.iter_steps(start, end)
+        diag = session.log.diag_provider() if hessian_mode == "diag" else None
+        probe = self._probe_step(session, touched, level)
+        corr = algo.compute(session.template, steps_iter, session.spec, forget, session.tau, diag,
+                            last_injection=touched[-1], probe_step=probe)
+        from ..methods import apply_correction
+
+        theta, opt_state = session.replayer.state_at(session.tau)
+        params, new_state = apply_correction(theta, opt_state, corr)
+        recovery = recovery_cost()  # steps replayed (light) or gradients (heavy) to recover past states
+        estimate = self._estimate(session, ids, touched, probe, corr)
+        seconds = time.perf_counter() - t0
+        guard = session.retain_guard(theta, params, ids)
+        audit = corr.audit.to_json()
+        extra = recovery + estimate["probe_steps"]
+        if audit.get("grad_equivalents_measured") is not None:
+            audit["grad_equivalents_measured_total"] = audit["grad_equivalents_measured"] + extra
+        if hessian_mode == "diag":  # the diagonal was paid for at record time: say how much
+            audit["record_time_grad_equivalents"] = _diag_record_cost(session, end - start)
+        info = {**audit, "method": self.name, "steps_touched": touched, "recovery_steps": recovery,
+                "storage": session.log.storage,
+                "grad_equivalents_total": audit["grad_equivalents"] + extra,
+                "seconds": seconds, "sweep_range": [start, end], "restored_from": restore, **estimate, **guard}
+        if guard["diverged"]:
+            log.warning("%s: the correction raised the retain loss from %.3f to %.3f; the linearised propagation "
+                        "is probably outside its regime (large steps or a large deletion): prefer method=replay",
+                        self.name, guard["retain_loss_before"], guard["retain_loss_after"])
+        return UnlearnResult(self.name, ids, session.tau, params, new_state, info)
+
+
+def _diag_record_cost(session, steps: int) -> float:
+    """Gradient-equivalents the recorder spent on the diagonals of ``steps`` steps: a
+    Hutchinson probe is one HVP (measured ~2 gradients) per probe; the empirical Fisher
+    squares a gradient the step computed anyway (~0)."""
+    from ..hvp import HVP_COST_IN_GRADS
+
+    meta = session.log.meta
+    if meta.get("diag_estimator", "hutchinson") != "hutchinson":
+        return 0.0
+    probes = int((meta.get("settings") or {}).get("diag_probes", 1) or 1)
+    return steps * probes * HVP_COST_IN_GRADS["exact"]
+
+
+def _probe_budget(session, first_use: int) -> int:
+    """At most this many replayed steps are spent on the error probe."""
+    replay = session.tau - session.log.restore_point_for(first_use).step
+    return max(int(session.log.meta.get("checkpoint_interval") or 0), replay // 4)
+
+
+class LMCleanerMethod(CorrectionMethod):
+    """LMCleaner at one level: ``algorithm_class`` names the ``unlearn.methods`` class it drives
+    (imported when it runs: registering the methods must not import torch)."""
+
+    algorithm_class: ClassVar[str]
+
+    @dataclass
+    class Config(PropagationConfig):
+        pass
+
+    def run(self, session, ids: list[int], cfg: PropagationConfig) -> UnlearnResult:
+        if cfg.propagation == "replay":
+            return self._run_windowed(session, ids, cfg)
+        return super().run(session, ids, cfg)
+
+    def _run_windowed(self, session, ids: list[int], cfg: PropagationConfig) -> UnlearnResult:
+        from ..windowed import WindowedReplay
+
+        if self.level != "sample":
+            raise UnlearnError("propagation=replay is sample level: use trainer=LMCleanerSample "
+                               "(a forgotten batch is a sample-level request for all its samples)")
+        try:
+            algo = WindowedReplay(K=cfg.K, tol=cfg.tol, carry=cfg.carry, carry_hessian_mode=cfg.carry_hessian_mode,
+                                  damping=cfg.damping)
+        except ValueError as err:
+            raise UnlearnError(str(err)) from None
+        theta, _ = session.replayer.state_at(session.tau)
+        params, new_state, info = algo.compute(session, ids)
+        guard = session.retain_guard(theta, params, ids)
+        info = {**info, "method": self.name, "level": "sample", "hessian_mode": None, **guard}
+        return UnlearnResult(self.name, ids, session.tau, params, new_state, info)
+
+    def algorithm(self, cfg: PropagationConfig):
+        from .. import methods
+
+        return getattr(methods, self.algorithm_class)(K=cfg.K, hessian_mode=cfg.hessian_mode, damping=cfg.damping,
+                              track_second_moment=cfg.track_second_moment, optimizer_map=cfg.optimizer_map,
+                              exact_impl=cfg.exact_impl)
