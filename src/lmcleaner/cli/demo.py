@@ -105,18 +105,18 @@ def run_demo(cfg) -> dict[str, Any]:
     # two threads spin against each other (measured >10x slower sweeps).
     torch.set_num_threads(max(1, int(d.threads)))
     out = Path(d.out_dir)
+    run_dir, models_dir = out / "run", out / "models"
+    train_cfg = _training_config(cfg, run_dir)  # bad input fails here, before anything is written
     if out.exists():
         if not (out / MARKER).is_file():
-            raise FileExistsError(f"{out} exists and is not a demo output: choose another demo.out_dir")
-        shutil.rmtree(out)
+            raise FileExistsError(f"demo.out_dir={out} exists and is not a demo output: choose another demo.out_dir")
+        shutil.rmtree(out)  # an earlier demo's own output (it carries the marker), never anything else
     out.mkdir(parents=True)
     (out / MARKER).write_text(json.dumps({"status": "running"}))
-    run_dir, models_dir = out / "run", out / "models"
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
     phase(1, f"training {d.steps} steps with the trajectory recorder")
-    train_cfg = _training_config(cfg, run_dir)
     model_name = str(train_cfg.model.name_or_path)
     trainer = Trainer(train_cfg)
     state = trainer.train()

@@ -186,7 +186,8 @@ class UnlearnConfig:
 
     forget: Any = None  # list of ids, "17,203", a file of ids, or a dataset file matched to training rows
     model_dir: Optional[str] = None  # trained run dir (default: training.output_dir)
-    output_dir: Optional[str] = None  # default: <run>/unlearned-<method>
+    output_dir: Optional[str] = None  # default: a fresh <run>/unlearned-<method>[-N] (retrain: <run>/retrain[-N])
+    overwrite: bool = False  # replace an existing output_dir (its audit records are kept); never the source run
     max_error: Optional[float] = None  # trainer=auto: accepted estimated relative error (default: the method's 0.1)
 
 

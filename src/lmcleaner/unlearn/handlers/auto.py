@@ -70,6 +70,8 @@ class Auto:
         def validate(self) -> None:
             if self.max_error < 0:
                 raise ValueError(f"trainer.method_args.max_error={self.max_error} must be >= 0")
+            if self.K < 1:  # a window of 0 steps would never advance past a use
+                raise ValueError(f"trainer.method_args.K={self.K}: the first window K must be >= 1 step")
             if not 0 < self.max_cost_ratio <= 1:
                 raise ValueError(f"trainer.method_args.max_cost_ratio={self.max_cost_ratio}: use a value in (0, 1]")
 
