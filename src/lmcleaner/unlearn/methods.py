@@ -64,6 +64,7 @@ class CorrectionAudit:
     steps_seen: int
     sweeps: int
     seconds: float
+    hvp_stats: dict[str, Any] | None = None  # backend counts (low_rank: Lanczos HVPs, refreshes)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -138,6 +139,7 @@ class _Method:
         track_second_moment: bool = True,
         optimizer_map: str = "exact",
         exact_impl: str = "double_backward",
+        hvp_options: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(K, int) or K < 1:
             raise ValueError(f"K must be an integer >= 1 (got {K!r}); use e.g. K=800, or Rollback for no propagation")
@@ -151,6 +153,7 @@ class _Method:
             raise ValueError(f"unknown exact_impl {exact_impl!r}; use one of {EXACT_IMPLS}")
         self.K, self.hessian_mode, self.damping = K, hessian_mode, damping
         self.track_second_moment, self.optimizer_map, self.exact_impl = track_second_moment, optimizer_map, exact_impl
+        self.hvp_options = dict(hvp_options or {})  # backend options (low_rank: rank, refresh, iters)
 
     def _run(
         self,
@@ -171,7 +174,8 @@ class _Method:
         if first is None:
             raise ValueError("steps is empty; pass the replayed steps from the earliest affected step to tau-1")
         fl = FunctionalLM(model, first.params.keys())
-        hvp = make_hvp_backend(self.hessian_mode, fl, diag_provider, self.exact_impl) if self.K > 0 else None
+        hvp = (make_hvp_backend(self.hessian_mode, fl, diag_provider, self.exact_impl, **self.hvp_options)
+               if self.K > 0 else None)
         injector = sample_injector(fl, [forget]) if self.level == "sample" else batch_injector([forget])
 
         def chained():
@@ -198,7 +202,7 @@ class _Method:
             correction_norm=norm(delta), n_hvp_calls=st.hvp_calls, n_hvp_vectors=st.hvp_vectors,
             n_grad_evals=n_grad, grad_equivalents=n_grad + st.hvp_vectors * cost,
             hvp_path=st.hvp_path, steps_seen=st.steps_seen, sweeps=st.sweeps,
-            seconds=time.perf_counter() - t0,
+            seconds=time.perf_counter() - t0, hvp_stats=(hvp.describe() or None) if hvp is not None else None,
         )
         return Correction(delta, res.delta_opt_state[0], audit)
 

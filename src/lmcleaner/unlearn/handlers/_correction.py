@@ -13,13 +13,25 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Optional
 
 from ..methods import apply_correction
 from ..result import UnlearnError, UnlearnResult
 
 log = logging.getLogger("lmcleaner.unlearn")
+
+
+@dataclass
+class LowRankOptions:
+    """``hessian_mode=low_rank`` (``trainer.method_args.low_rank.*``): ``rank`` eigenpairs of
+    the step Hessian from Lanczos, recomputed every ``refresh`` steps, ``iters`` Lanczos block
+    iterations (null: ``2 rank + 10`` directions), ``block`` directions per batched HVP."""
+
+    rank: int = 16
+    refresh: int = 10
+    iters: Optional[int] = None
+    block: int = 4
 
 
 @dataclass
@@ -32,7 +44,8 @@ class PropagationConfig:
     ``d <- d - eta lambda d``; ``optimizer_map``: ``exact`` (the optimizer's own
     map evaluated on the linearised gradient) or ``linear`` (DESIGN's tangents);
     ``exact_impl``: ``double_backward|rev_rev|fwd_rev``;
-    ``track_second_moment=false`` freezes AdamW's ``v`` (a baseline).
+    ``track_second_moment=false`` freezes AdamW's ``v`` (a baseline);
+    ``low_rank``: options of ``hessian_mode=low_rank``.
     """
 
     K: int = 800
@@ -41,6 +54,7 @@ class PropagationConfig:
     optimizer_map: str = "exact"
     exact_impl: str = "double_backward"
     track_second_moment: bool = True
+    low_rank: LowRankOptions = field(default_factory=LowRankOptions)
 
     def validate(self) -> None:
         if self.K < 1:
@@ -110,4 +124,9 @@ class LMCleanerMethod(CorrectionMethod):
     def algorithm(self, cfg: PropagationConfig):
         return self.Algorithm(K=cfg.K, hessian_mode=cfg.hessian_mode, damping=cfg.damping,
                               track_second_moment=cfg.track_second_moment, optimizer_map=cfg.optimizer_map,
-                              exact_impl=cfg.exact_impl)
+                              exact_impl=cfg.exact_impl, hvp_options=hvp_options(cfg))
+
+
+def hvp_options(cfg: Any) -> dict[str, Any] | None:
+    """Backend options of the chosen ``hessian_mode`` (only ``low_rank`` has any)."""
+    return asdict(cfg.low_rank) if getattr(cfg, "hessian_mode", None) == "low_rank" else None

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..methods import SGDFormula as Algorithm
 from ..registry import register_method
-from ._correction import CorrectionMethod, PropagationConfig
+from ._correction import CorrectionMethod, PropagationConfig, hvp_options
 
 
 @register_method
@@ -21,4 +21,5 @@ class SGDFormulaMethod(CorrectionMethod):
         level: str = "sample"  # sample | batch
 
     def algorithm(self, cfg: Config) -> Algorithm:
-        return Algorithm(level=cfg.level, K=cfg.K, hessian_mode=cfg.hessian_mode, damping=cfg.damping)
+        return Algorithm(level=cfg.level, K=cfg.K, hessian_mode=cfg.hessian_mode, damping=cfg.damping,
+                         hvp_options=hvp_options(cfg))
