@@ -145,7 +145,10 @@ class UnlearnTrainerConfig:
     - ``apply_immediately``: write the unlearned model (else only the correction);
     - ``audit_dir``: where the audit log goes (default: ``<output>/audit``);
     - ``fallback_to_replay``: a correction the divergence guard flags is
-      replaced by exact replay.
+      replaced by exact replay;
+    - ``certify``: ``{epsilon, delta, subspace_rank, bound, ...}`` adds Gaussian
+      noise for an (epsilon, delta) guarantee (``unlearn/certify``,
+      ``docs/certification.md``); absent: no noise.
     """
 
     handler: str = "LMCleanerBatchLevel"

@@ -103,6 +103,7 @@ class CorrectionMethod:
         audit = corr.audit.to_json()
         recovery = (start - restore) + (end - start)  # training steps replayed to recover past parameters
         info = {**audit, "method": self.name, "steps_touched": touched, "recovery_steps": recovery,
+                "optimizer_map": getattr(cfg, "optimizer_map", "exact"),
                 "grad_equivalents_total": audit["grad_equivalents"] + recovery, "seconds": seconds,
                 "sweep_range": [start, end], "restored_from": restore, **guard}
         if guard["diverged"]:
@@ -116,6 +117,7 @@ class LMCleanerMethod(CorrectionMethod):
     """LMCleaner at one level: ``Algorithm`` is the ``unlearn.methods`` class it drives."""
 
     Algorithm: ClassVar[type]
+    certifiable: ClassVar[bool] = True  # the formal residual bound applies (unlearn/certify/bound.py)
 
     @dataclass
     class Config(PropagationConfig):
