@@ -36,6 +36,7 @@ PLUGINS = {
     "unlearn": "lmcleaner.unlearn.cli",
     "retrain": "lmcleaner.unlearn.cli_retrain",
     "demo": "lmcleaner.cli.demo",
+    "pretrain": "lmcleaner.train.cli_pretrain",
 }
 
 

@@ -186,6 +186,27 @@ class DemoConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """``lmcleaner pretrain``: the project's own base model (``train.pretrain``).
+
+    Pretrains an embedded model preset on a generated corpus of entities
+    disjoint from the fine-tuning data, cached by these settings; fine-tune
+    from it with ``model.name_or_path=base:tiny-llama``.
+    """
+
+    model: str = "tiny-llama"  # model preset (conf/model) or YAML of an embedded (config-built) model
+    steps: int = 1200  # optimizer steps of pretraining
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    num_entities: int = 400  # fictitious people in the corpus (13 texts each, plus places and books)
+    max_length: int = 128
+    seed: int = 1234
+    cache_dir: Optional[str] = None  # default: $LMCLEANER_CACHE, $XDG_CACHE_HOME/lmcleaner or ~/.cache/lmcleaner
+    progress_bar: bool = True
+    threads: int = 1  # intra-op threads while pretraining (tiny models: 1 is fastest)
+
+
+@dataclass
 class RootConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -194,5 +215,6 @@ class RootConfig:
     trainer: UnlearnTrainerConfig = field(default_factory=UnlearnTrainerConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     telemetry_config: Optional[str] = None  # YAML for lmcleaner.telemetry (default config when None)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form user keys (demo, eval, sweeps)

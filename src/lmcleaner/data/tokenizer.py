@@ -51,7 +51,7 @@ def embedded_tokenizer() -> PreTrainedTokenizerFast:
 def load_tokenizer(name_or_path: str | None, model_name: str = "tiny-llama") -> PreTrainedTokenizerFast:
     """``embedded`` / ``None`` with the tiny model: the shipped tokenizer; else ``AutoTokenizer``."""
     name = name_or_path or model_name
-    if name in ("embedded", "tiny-llama"):
+    if name in ("embedded", "tiny-llama") or name.startswith("base:"):  # base:<preset> is pretrained with it
         return embedded_tokenizer()
     tok = AutoTokenizer.from_pretrained(name)
     if tok.pad_token is None:

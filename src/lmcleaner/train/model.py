@@ -41,8 +41,10 @@ def build_model(mcfg, tokenizer, seed: int = 0, lora_cfg=None):
             config._attn_implementation = mcfg.attn_implementation
             model = LlamaForCausalLM(config).to(dtype)
     else:
+        from .pretrain import resolve_base
+
         model = AutoModelForCausalLM.from_pretrained(
-            mcfg.name_or_path, dtype=dtype, attn_implementation=mcfg.attn_implementation,
+            resolve_base(mcfg.name_or_path), dtype=dtype, attn_implementation=mcfg.attn_implementation,
             trust_remote_code=mcfg.trust_remote_code,
         )
     if lora_cfg is not None and lora_cfg.enabled:

@@ -204,6 +204,22 @@ class _Clip:
         return {n: _bcast(coef, y[n]) * y[n] - gc[n] for n in e}
 
 
+def _decay_carried_state(cols: _Columns, tau: int, b1: float, b2: float, mu: float) -> None:
+    """A column whose window ended at ``e < tau - 1`` is carried to ``tau`` with no
+    further gradient difference, so its optimizer-state deviation decays exactly as
+    the real state would: ``dm, dv, db`` after step ``e`` are multiplied by
+    ``beta1, beta2, mu`` to the power ``tau - 1 - e``. Without this, a stale ``dv``
+    can exceed ``v`` (which decayed meanwhile) and drive ``v + dv`` negative."""
+    for c, end in enumerate(cols.end):
+        n = tau - 1 - end
+        if n <= 0:
+            continue
+        for key, rate in (("dm", b1), ("dv", b2), ("db", mu)):
+            if key in cols.state:
+                for t in cols.state[key].values():
+                    t[c].mul_(rate ** n)
+
+
 def _group_of(spec: OptimizerSpec, names: Iterable[str]) -> dict[str, int]:
     where = {n: i for i, g in enumerate(spec.groups) for n in g.names}
     missing = [n for n in names if n not in where]
@@ -401,6 +417,7 @@ def propagate(
     if cols is None:  # pragma: no cover - guarded above
         raise ValueError("no steps")
     stats.columns = len(cols.request)
+    _decay_carried_state(cols, tau, b1, b2, spec.momentum if sgd_mom else 0.0)
     if hvp is not None:
         stats.hvp_calls = hvp.calls - hvp_calls0
         stats.hvp_vectors = hvp.vectors - hvp_vectors0
