@@ -94,6 +94,9 @@ def test_formal_bound_closed_forms():
             for k in (1, 4, 16)]
     assert by_k[0] > by_k[1] > by_k[2]
     assert by_k[2] == pytest.approx(2 * c * lrs[3] * (0.8 ** 16 + 0.8 ** 16))
+    # truncated windows that overlap are separate columns, each with its own clipped change
+    overlap = formal_residual_bound(_spec(), recs, [3, 4], tau, 100, K=2)
+    assert overlap.value == pytest.approx(2 * c * (sum(lrs[4:]) + lrs[4] + lrs[5]))  # 2 columns at steps 4, 5
     # momentum amplifies, weight decay contracts, AdamW pays sqrt(n)
     assert formal_residual_bound(_spec(momentum=0.9), recs, [3], tau, 100).value > worst.value
     assert formal_residual_bound(_spec(wd=0.5), recs, [3, 9], tau, 100).value < worst.value

@@ -3,14 +3,17 @@
 Trains the embedded model with the recorder, issues a deletion request for a
 few authors' samples, computes the exact-retrain oracle, runs LMCleaner
 (batch and sample level, several K and curvature modes), exact replay and the
-baselines, evaluates every model against the oracle and writes
-``<out_dir>/report.md`` with plots and ``results.json``.
+baselines, evaluates every model against the oracle, certifies the full-window
+LMCleaner result with calibrated noise at a few epsilons (membership inference
+and utility of the certified model next to the oracle with the same noise) and
+writes ``<out_dir>/report.md`` with plots and ``results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -21,6 +24,8 @@ scale it up with overrides:
   lmcleaner demo demo.steps=600 demo.Ks=[10,50,200] demo.hessian_modes=[GGN,exact]
   lmcleaner demo demo.model=micro-llama demo.forget_authors=[3] demo.optimizer=sgd demo.learning_rate=0.05
   lmcleaner demo demo.model=my_model.yaml demo.data=path/to/qa.jsonl demo.forget_ids=[0,1,2]
+  lmcleaner demo demo.max_grad_norm=1.0 demo.certify_epsilons=[0.5,1,2,4,8]   # clipped: a formal bound exists
+  lmcleaner demo demo.certify_epsilons=[]                                      # no certification section
   any training.* key applies to the recorded run, e.g. training.batch_size=16"""
 
 MARKER = "demo.json"
@@ -78,7 +83,9 @@ def _forget_ids(cfg, rows: list[dict]) -> list[int]:
 
 def run_demo(cfg) -> dict[str, Any]:
     from ..evaluate import EvalData, evaluate_models, format_table, write_report
-    from ..evaluate.compare import compare_methods, default_grid
+    from ..evaluate.certification import certification_sweep
+    from ..evaluate.compare import compare_methods, default_grid, row_name
+    from ..evaluate.report import certification_markdown, plot_certification
     from ..train import Trainer
     from ..train.export import export_model
     from ..unlearn.cli_retrain import retrain_config
@@ -121,7 +128,10 @@ def run_demo(cfg) -> dict[str, Any]:
     retain_ids = [i for i in range(len(dataset)) if i not in set(ids)][: d.eval_max_retain]
     model_dirs = {"original": run_dir / "final_model", "oracle": out / "retrain" / "final_model"}
 
+    results = {}
+
     def export(name, res):
+        results[name] = res
         model_dirs[name] = export_model(session.model_with(res.params), trainer.tokenizer, models_dir / name)
 
     t0 = time.perf_counter()
@@ -148,6 +158,20 @@ def run_demo(cfg) -> dict[str, Any]:
             rows.append({"name": base, "method": base, "rel_param_error": 1.0 if base == "original" else 0.0,
                          **{k: m.get(k) for k in ("kl_forget", "kl_retain", "forget_quality", "model_utility",
                                                   "mia_auc")}})
+    sections, certification = [], None
+    full = results.get(row_name("LMCleanerSampleLevel", {"hessian_mode": d.hessian_modes[0], "K": session.tau}))
+    if data is not None and d.certify_epsilons and full is not None:
+        t0 = time.perf_counter()
+        certification = certification_sweep(session, full, oracle, data, [*d.certify_epsilons, math.inf],
+                                             list(d.certify_variants), max_new_tokens=d.eval_max_new_tokens,
+                                             rank=8, progress=cfg.training.progress_bar)
+        certification["unlearned"] = row_name("LMCleanerSampleLevel", {"hessian_mode": d.hessian_modes[0],
+                                                                       "K": session.tau})
+        timings["certify"] = time.perf_counter() - t0
+        if plot_certification(certification, out / "certification.png") is not None:
+            sections.append(certification_markdown(certification, "certification.png"))
+        else:
+            sections.append(certification_markdown(certification))
     skipped = sorted(set(wanted) - set(ids))
     notes = (f"Forgot {len(ids)} samples (ids {ids[:8]}{'...' if len(ids) > 8 else ''}) used in "
              f"{len(session.steps_for(ids))} of {session.tau} steps"
@@ -159,9 +183,9 @@ def run_demo(cfg) -> dict[str, Any]:
              "replayed steps to recover past parameters included). Timings (s): "
              + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     history = [(h["step"], h["loss"]) for h in state.history]
-    paths = write_report(rows, out, loss_history=history, title="lmcleaner demo", notes=notes)
+    paths = write_report(rows, out, loss_history=history, title="lmcleaner demo", notes=notes, sections=sections)
     results = {"forget_ids": ids, "tau": session.tau, "rows": rows, "timings": timings,
-               "report": str(paths["report"])}
+               "report": str(paths["report"]), "certification": certification}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / MARKER).write_text(json.dumps({"status": "done"}))
     return {**results, "table": format_table(rows)}

@@ -183,6 +183,10 @@ class DemoConfig:
     eval_max_retain: int = 48
     eval_max_holdout: int = 32
     threads: int = 1  # torch intra-op threads for the demo (1 is fastest for the tiny default model)
+    # certified removal section (docs/certification.md): epsilons besides inf (empty: no section) and
+    # where the residual bound comes from (formal | formal_lipschitz | empirical | empirical_subspace)
+    certify_epsilons: list[float] = field(default_factory=lambda: [1.0, 8.0])
+    certify_variants: list[str] = field(default_factory=lambda: ["formal", "empirical"])
 
 
 @dataclass

@@ -23,9 +23,12 @@ after the first use ``t_1``; afterwards each step changes ``r`` by the
 difference of two clipped gradients (the counterfactual's and the
 correction's linearised one), ``<= 2c`` before the optimizer:
 
-    SGD:       R_{s+1} <= |1 - eta wd| R_s + eta 2c + eta lambda D_s
-    momentum:  Q_s <= mu Q_{s-1} + 2c + wd R_s,  R_{s+1} <= R_s + eta Q_s (+ nesterov term) + eta lambda D_s
-    AdamW:     R_{s+1} <= |1 - eta wd| R_s + eta 2 C_{s+1} sqrt(n) + eta lambda D_s
+    SGD:       R_{s+1} <= |1 - eta wd| R_s + eta 2c m_s + eta lambda D_s
+    momentum:  Q_s <= mu Q_{s-1} + 2c m_s + wd R_s,  R_{s+1} <= R_s + eta Q_s (+ nesterov term) + eta lambda D_s
+    AdamW:     R_{s+1} <= |1 - eta wd| R_s + eta 2 C_{s+1} sqrt(n) m_s + eta lambda D_s
+
+(``m_s >= 1``: correction columns propagating at ``s``; truncated windows that
+overlap each add a clipped secant; 1 with the full window)
 
 (``lambda`` the correction's damping, ``D_s`` the same recursion's bound on
 ``||d_s||``). ``B = R_tau``: grows with every step after the first use. For
@@ -150,6 +153,17 @@ def formal_residual_bound(
         """Bound on the change of the optimizer's step direction between two runs (before eta)."""
         return 2 * c if opt == "sgd" else 2 * adam_update_bound(b1, b2, s + 1) * root_n
 
+    # correction columns (propagation.py): injections sharing a window end min(t + K, tau - 1) share one
+    # deviation vector, propagated from its first injection to its end; each active column adds its own
+    # clipped secant, so a step with m active columns can differ by m x the per-step change
+    window = tau if K is None else int(K)
+    columns: dict[int, list[int]] = {}
+    for t in touched:
+        columns.setdefault(min(t + window, tau - 1), []).append(t)
+
+    def active(s: int) -> int:
+        return max(1, sum(1 for end, ts in columns.items() if ts[0] <= s <= end))
+
     # worst case: residual R, correction norm Dd, momentum residual/correction buffers Q, Qd
     R = Dd = Q = Qd = 0.0
     for rec in recs:
@@ -158,7 +172,7 @@ def formal_residual_bound(
         if s == t1 and opt == "sgd":  # the correction's first step is the counterfactual step: r stays 0
             Qd, Dd = g_inj, eta * g_inj
             continue
-        u = step_change(s)
+        u = step_change(s) * active(s)
         if opt == "sgd" and mu != 0:
             Q = mu * Q + u + wd * R
             Qd = mu * Qd + u + wd * Dd
@@ -180,11 +194,7 @@ def formal_residual_bound(
                              f"per-step change <= eta x {per}); no assumption on the loss", [], details=details)
 
     # Lipschitz steps (plain SGD): deviation of retraining X, correction columns Y by window end
-    window = tau if K is None else int(K)
     X = 0.0
-    columns: dict[int, list[int]] = {}  # window end -> its injection steps
-    for t in touched:
-        columns.setdefault(min(t + window, tau - 1), []).append(t)
     cols = {end: 0.0 for end in columns}
     for rec in recs:
         s = rec.step

@@ -119,9 +119,10 @@ def certify_config(value: CertifyConfig | Mapping[str, Any]) -> CertifyConfig:
 
 
 def _method_class(result: UnlearnResult):
+    """The registered class that produced the parameters (``auto`` records its choice in ``chosen``)."""
     from ..registry import get_method
 
-    for name in (result.info.get("method"), result.method):
+    for name in (result.info.get("chosen"), result.info.get("method"), result.method):
         if name:
             try:
                 return get_method(name)
@@ -136,9 +137,11 @@ def formal_bound_for(session, result: UnlearnResult, cfg: CertifyConfig) -> Resi
     info = result.info
     if cls is not None and getattr(cls, "exact", False):
         return ResidualBound(0.0, "formal", f"{cls.name} is exact: the result is the retrained model", [])
-    if cls is None or not getattr(cls, "certifiable", False) or info.get("optimizer_map", "exact") != "exact":
+    if cls is None or not getattr(cls, "certifiable", False) or info.get("optimizer_map") != "exact":
+        # the derivation needs an exact first step and clipped later changes: the linearised propagation
+        # with the optimizer's exact map (CorrectionMethod records optimizer_map); other variants are not covered
         raise NoFormalBound(f"no formal bound for method {result.method}: it is derived for the LMCleaner "
-                            "corrections (optimizer_map=exact) and rollback only")
+                            "corrections with linear propagation and optimizer_map=exact, and rollback, only")
     touched = sorted(info["steps_touched"])
     records = [session.log.record(s) for s in range(touched[0], result.tau)]
     n = sum(t.numel() for t in result.params.values())
@@ -198,9 +201,12 @@ def curvature_basis(session, params: Params, exclude: list[int], r: int, rows: i
 
 
 def certify_result(session, result: UnlearnResult, cfg: CertifyConfig | Mapping[str, Any],
-                   oracle: Params | None = None) -> UnlearnResult:
+                   oracle: Params | None = None,
+                   basis: tuple[torch.Tensor, torch.Tensor] | None = None) -> UnlearnResult:
     """Add calibrated Gaussian noise to ``result`` (see the module docstring). ``oracle``:
-    exact-retrain parameters to measure the residual against (default: replay)."""
+    exact-retrain parameters to measure the residual against (default: replay); ``basis``:
+    a precomputed ``curvature_basis`` for the subspace mode (it depends on the model, not on
+    the noise seed, so sweeps over epsilon and noise draws compute it once)."""
     cfg = certify_config(cfg)
     t0 = time.perf_counter()
     bound: ResidualBound | None = None
@@ -228,8 +234,10 @@ def certify_result(session, result: UnlearnResult, cfg: CertifyConfig | Mapping[
     record: dict[str, Any] = {}
     if cfg.subspace_rank > 0 and residual_vec is not None and bound.value > 0:
         r = min(cfg.subspace_rank, n - 1)
-        eigvals, U = curvature_basis(session, result.params, result.forget_ids, r, cfg.curvature_rows, seed,
-                                     cfg.lanczos_iters)
+        eigvals, U = basis if basis is not None else curvature_basis(
+            session, result.params, result.forget_ids, r, cfg.curvature_rows, 0, cfg.lanczos_iters)
+        if U.shape[1] != r:
+            raise UnlearnError(f"the given curvature basis has rank {U.shape[1]}, certify.subspace_rank is {r}")
         b_par = float((U.T @ residual_vec).norm())
         b_perp = math.sqrt(max(float(residual_vec.norm()) ** 2 - b_par ** 2, 0.0))
         bound.parallel, bound.perpendicular = b_par, b_perp
