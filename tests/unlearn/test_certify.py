@@ -12,13 +12,24 @@ import torch
 from scipy.stats import beta as beta_dist
 
 from lmcleaner.trajectory.types import OptimizerSpec, ParamGroupSpec, StepRecord
-from lmcleaner.unlearn import FunctionalLM, LMCleanerSampleLevel, Rollback
+from lmcleaner.unlearn import LMCleanerSampleLevel, Rollback
 from lmcleaner.unlearn.certify import (
-    CertifyConfig, GaussianNoise, NoFormalBound, adam_update_bound, analytic_sigma, certify_config, classic_sigma,
-    formal_residual_bound, gaussian_delta, gaussian_sigma, hessian_basis, subspace_sigmas,
+    CertifyConfig,
+    GaussianNoise,
+    NoFormalBound,
+    adam_update_bound,
+    analytic_sigma,
+    certify_config,
+    classic_sigma,
+    formal_residual_bound,
+    gaussian_delta,
+    gaussian_sigma,
+    hessian_basis,
+    subspace_sigmas,
 )
 from lmcleaner.unlearn.certify.mechanism import flatten
 from lmcleaner.unlearn.result import UnlearnError
+
 from .test_unlearn_hvp import _hessian, _problem
 from .unlearn_harness import OptCfg, TinyMLPLM, occurrences
 
@@ -48,8 +59,8 @@ def test_analytic_against_the_classic_formula_where_both_apply():
     with pytest.raises(ValueError, match="epsilon < 1"):
         classic_sigma(1.5, 1e-5)
     assert gaussian_sigma(0.5, 1e-5, 1.0, "classic") == classic_sigma(0.5, 1e-5)
-    for bad in (dict(epsilon=0.0), dict(epsilon=float("inf")), dict(delta=0.0), dict(delta=1.0),
-                dict(calibration="classic", epsilon=2.0), dict(bound="proven"), dict(subspace_rank=-1)):
+    for bad in ({"epsilon": 0.0}, {"epsilon": float("inf")}, {"delta": 0.0}, {"delta": 1.0},
+                {"calibration": "classic", "epsilon": 2.0}, {"bound": "proven"}, {"subspace_rank": -1}):
         with pytest.raises(UnlearnError, match="certify"):
             certify_config(bad)
 

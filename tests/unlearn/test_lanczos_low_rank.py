@@ -8,6 +8,7 @@ import torch
 from lmcleaner.unlearn import LMCleanerSampleLevel, make_hvp_backend
 from lmcleaner.unlearn.hvp import BACKENDS, ExactHVP, LowRankHVP
 from lmcleaner.unlearn.lanczos import flatten_batch, lanczos, top_eigenpairs
+
 from .test_unlearn_hvp import _hessian, _problem
 from .unlearn_harness import TinyMLPLM, occurrences, rel_error
 

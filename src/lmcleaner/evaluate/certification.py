@@ -24,7 +24,8 @@ and ``model utility(certified) >= (1 - utility_tol) x model utility(oracle)``.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -107,7 +107,7 @@ def method_config(method: str | type, args: Mapping[str, Any] | None = None) -> 
         merged = OmegaConf.merge(OmegaConf.structured(cls.Config), given)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        key = getattr(err, "key", None)
+        key = getattr(err, "full_key", None) or getattr(err, "key", None)
         raise UnlearnError(f"bad value for trainer.method_args.{key} of {cls.name}: "
                            f"{str(err).splitlines()[0]}") from None
     check = getattr(cfg, "validate", None)

@@ -10,12 +10,29 @@
 The derivation and what it does and does not prove: ``docs/certification.md``.
 """
 
-from .bound import NoFormalBound, ResidualBound, adam_update_bound, empirical_bound, formal_residual_bound
+from .bound import (
+    NoFormalBound,
+    ResidualBound,
+    adam_update_bound,
+    empirical_bound,
+    formal_residual_bound,
+)
 from .mechanism import (
-    GaussianNoise, analytic_sigma, classic_sigma, gaussian_delta, gaussian_sigma, subspace_sigmas,
+    GaussianNoise,
+    analytic_sigma,
+    classic_sigma,
+    gaussian_delta,
+    gaussian_sigma,
+    subspace_sigmas,
 )
 from .step import (
-    CertifyConfig, certify_config, certify_result, curvature_basis, formal_bound_for, hessian_basis, measured_residual,
+    CertifyConfig,
+    certify_config,
+    certify_result,
+    curvature_basis,
+    formal_bound_for,
+    hessian_basis,
+    measured_residual,
 )
 
 __all__ = [

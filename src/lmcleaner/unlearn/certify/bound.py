@@ -127,7 +127,7 @@ def formal_residual_bound(
         raise UnlearnError(f"certify.assume={assume!r}: use one of {ASSUMPTIONS}")
     opt = spec.name.lower()
     c = spec.max_grad_norm if spec.max_grad_norm and spec.max_grad_norm > 0 else None
-    touched = sorted(set(int(s) for s in steps_touched))
+    touched = sorted({int(s) for s in steps_touched})
     if not touched:
         raise NoFormalBound("no step used the forget set: nothing to bound")
     t1 = touched[0]

@@ -31,15 +31,28 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 
 from ..functional import FunctionalLM, Params
 from ..result import UnlearnError, UnlearnResult
-from .bound import ASSUMPTIONS, NoFormalBound, ResidualBound, empirical_bound, formal_residual_bound
-from .mechanism import CALIBRATIONS, GaussianNoise, flatten, gaussian_sigma, subspace_sigmas
+from .bound import (
+    ASSUMPTIONS,
+    NoFormalBound,
+    ResidualBound,
+    empirical_bound,
+    formal_residual_bound,
+)
+from .mechanism import (
+    CALIBRATIONS,
+    GaussianNoise,
+    flatten,
+    gaussian_sigma,
+    subspace_sigmas,
+)
 
 log = logging.getLogger("lmcleaner.unlearn")
 BOUNDS = ("formal", "empirical", "formal_or_empirical")
@@ -71,11 +84,11 @@ class CertifyConfig:
     bound: str = "formal"
     assume: str = "none"
     rho: float = 1.0
-    residual: Optional[float] = None
+    residual: float | None = None
     calibration: str = "analytic"
-    seed: Optional[int] = None
+    seed: int | None = None
     curvature_rows: int = 32
-    lanczos_iters: Optional[int] = None
+    lanczos_iters: int | None = None
 
     def validate(self) -> None:
         if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
@@ -109,7 +122,8 @@ def certify_config(value: CertifyConfig | Mapping[str, Any]) -> CertifyConfig:
             cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CertifyConfig),
                                                       {k: v for k, v in value.items() if v is not None}))
         except OmegaConfBaseException as err:
-            raise UnlearnError(f"bad trainer.method_args.certify.{getattr(err, 'key', '')}: "
+            key = getattr(err, "full_key", None) or getattr(err, "key", "")
+            raise UnlearnError(f"bad trainer.method_args.certify.{key}: "
                                f"{str(err).splitlines()[0]}") from None
     try:
         cfg.validate()
