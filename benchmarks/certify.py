@@ -37,7 +37,7 @@ import torch
 from lmcleaner.config import load_config
 from lmcleaner.evaluate import EvalData, format_table
 from lmcleaner.evaluate.certification import certification_sweep
-from lmcleaner.evaluate.report import CERTIFICATION_COLUMNS, plot_certification
+from lmcleaner.evaluate.report import CERTIFICATION_COLUMNS, certification_table, plot_certification
 from lmcleaner.train import Trainer
 from lmcleaner.unlearn.cli_retrain import retrain_config
 from lmcleaner.unlearn.session import UnlearnSession
@@ -134,8 +134,7 @@ def main() -> None:
                "command": "python benchmarks/certify.py " + " ".join(
                    f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                    if k not in ("overrides", "json", "png") and v is not None)}
-    table = [r for r in out["rows"] if "epsilon" in r]
-    print(format_table(table, CERTIFICATION_COLUMNS))
+    print(format_table(certification_table(out), CERTIFICATION_COLUMNS))
     for r in out["rows"]:
         if "skipped" in r:
             print(f"{r['variant']}: {r['skipped']}")

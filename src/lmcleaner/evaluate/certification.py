@@ -134,7 +134,8 @@ def _row(variant: str, eps: float, cert: list[dict], noised: list[dict], refs: d
     row: dict[str, Any] = {"variant": variant, "epsilon": eps}
     if certification is not None:
         row.update({k: certification.get(k) for k in ("guarantee", "bound", "sigma", "sigma_perp", "noise_norm",
-                                                        "mode", "bound_source")})
+                                                        "mode", "bound_source", "bound_parallel",
+                                                        "bound_perpendicular")})
     for key in cert[0]:
         row[f"{key}_certified"] = _mean([c[key] for c in cert])
         row[f"{key}_noised_oracle"] = _mean([c[key] for c in noised])

@@ -288,6 +288,12 @@ CERTIFICATION_COLUMNS = ["variant", "epsilon", "guarantee", "bound", "sigma", "n
                          "model_utility_noised_oracle", "utility_vs_oracle", "retain_loss_certified", "meets_target"]
 
 
+def certification_table(sweep: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The sweep's rows with numbers, epsilon = inf shown as "inf" (no noise)."""
+    return [{**r, "epsilon": r["epsilon"] if math.isfinite(r["epsilon"]) else "inf (no noise)"}
+            for r in sweep.get("rows", []) if "epsilon" in r]
+
+
 def certification_markdown(sweep: Mapping[str, Any], plot_name: str | None = None) -> str:
     """A report section: the table, the references, where the target is reached."""
     refs = sweep.get("references", {})
@@ -298,7 +304,7 @@ def certification_markdown(sweep: Mapping[str, Any], plot_name: str | None = Non
              "the exact-retrain model plus the same noise draw (the fair comparison); target: AUC gap <= "
              f"{sweep.get('auc_tol')} and model utility >= {1 - sweep.get('utility_tol', 0.1):.0%} of the oracle's.",
              ""]
-    lines += [format_table([r for r in sweep.get("rows", []) if "epsilon" in r], CERTIFICATION_COLUMNS), ""]
+    lines += [format_table(certification_table(sweep), CERTIFICATION_COLUMNS), ""]
     ref_rows = [{"model": k, **v} for k, v in refs.items()]
     if ref_rows:
         lines += ["References (no noise):", "", format_table(ref_rows, ["model", "best_auc", "model_utility",
