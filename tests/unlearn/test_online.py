@@ -133,3 +133,44 @@ def test_online_adamw_truncated_correction_keeps_a_sane_optimizer_state(tmp_path
     norm, ratio = run(OnlineUnlearner(method, **kw), tmp_path / "approx")
     assert abs(norm - exact_norm) / exact_norm < 0.05, (norm, exact_norm)
     assert ratio < 10, ratio  # |m| / sqrt(v) of a real Adam state is bounded (~7.3 for the default betas)
+
+
+def test_request_file_appended_during_a_cli_run(tmp_path, retrained, monkeypatch):
+    """`lmcleaner train training.forget_request_file=... training.online_unlearning.method=replay`: a line
+    appended to the file while the run trains (here, deterministically, right before step AT) is applied."""
+    from lmcleaner.cli.main import main
+    from lmcleaner.train.trainer import Trainer as T
+
+    oracle, _ = retrained
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("")
+    real_poll = T._poll_request_file
+    appended = []
+
+    def poll(self):
+        if self.state.step == AT and not appended:
+            with open(requests, "a") as f:
+                f.write(json.dumps({"request_id": "r1", "ids": FORGET}) + "\n")
+            appended.append(AT)
+        return real_poll(self)
+
+    monkeypatch.setattr(T, "_poll_request_file", poll)
+    out = tmp_path / "run"
+    assert main(["train", *RUN, f"training.output_dir={out}", f"training.forget_request_file={requests}",
+                 "training.online_unlearning.method=replay"]) == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["processed_requests"] == ["r1"] and state["unlearn_events"][0]["step"] == AT
+    from safetensors.torch import load_file
+
+    final = load_file(str(out / "final_model" / "model.safetensors"))
+    assert all(torch.equal(final[n], oracle[n]) for n in oracle)
+
+
+def test_request_file_without_a_method_is_a_one_line_error(tmp_path, capsys):
+    from lmcleaner.cli.main import main
+
+    code = main(["train", *RUN, f"training.output_dir={tmp_path / 'run'}",
+                 f"training.forget_request_file={tmp_path / 'r.jsonl'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "training.online_unlearning.method" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -3,10 +3,8 @@
 Trains the embedded model with the recorder, issues a deletion request for a
 few authors' samples, computes the exact-retrain oracle, runs LMCleaner
 (batch and sample level, several K and curvature modes), exact replay and the
-baselines, evaluates every model against the oracle, certifies the full-window
-LMCleaner result with calibrated noise at a few epsilons (membership inference
-and utility of the certified model next to the oracle with the same noise) and
-writes ``<out_dir>/report.md`` with plots and ``results.json``.
+baselines, evaluates every model against the oracle and writes
+``<out_dir>/report.md`` with plots and ``results.json``.
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,6 @@ scale it up with overrides:
   lmcleaner demo demo.steps=600 demo.Ks=[10,50,200] demo.hessian_modes=[GGN,exact]
   lmcleaner demo demo.model=micro-llama demo.forget_authors=[3] demo.optimizer=sgd demo.learning_rate=0.05
   lmcleaner demo demo.model=my_model.yaml demo.data=path/to/qa.jsonl demo.forget_ids=[0,1,2]
-  lmcleaner demo demo.max_grad_norm=1.0 demo.certify_epsilons=[0.5,1,2,4,8]   # clipped: a formal bound exists
-  lmcleaner demo demo.certify_epsilons=[]                                      # no certification section
   any training.* key applies to the recorded run, e.g. training.batch_size=16"""
 
 MARKER = "demo.json"
@@ -84,7 +81,7 @@ def _forget_ids(cfg, rows: list[dict]) -> list[int]:
 def run_demo(cfg) -> dict[str, Any]:
     from ..evaluate import EvalData, evaluate_models, format_table, write_report
     from ..evaluate.certification import certification_sweep
-    from ..evaluate.compare import compare_methods, default_grid, row_name
+    from ..evaluate.compare import compare_methods, default_grid, merge_eval, row_name
     from ..evaluate.report import certification_markdown, plot_certification
     from ..train import Trainer
     from ..train.export import export_model
@@ -94,6 +91,16 @@ def run_demo(cfg) -> dict[str, Any]:
     import torch
 
     d = cfg.demo
+    show = bool(cfg.training.progress_bar)
+    started = time.perf_counter()
+
+    def phase(i: int, what: str) -> None:
+        """One line per phase (each phase then shows its own progress with an ETA)."""
+        if show:
+            total = 5 if d.certify_epsilons else 4
+            print(f"demo [{i}/{total}] {what} (elapsed {time.perf_counter() - started:.0f} s)", file=sys.stderr,
+                  flush=True)
+
     # Tiny models: one intra-op thread is fastest, and on a busy 2-core machine
     # two threads spin against each other (measured >10x slower sweeps).
     torch.set_num_threads(max(1, int(d.threads)))
@@ -108,6 +115,7 @@ def run_demo(cfg) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
+    phase(1, f"training {d.steps} steps with the trajectory recorder")
     trainer = Trainer(_training_config(cfg, run_dir))
     state = trainer.train()
     timings["train"] = time.perf_counter() - t0
@@ -119,7 +127,10 @@ def run_demo(cfg) -> dict[str, Any]:
                          "steps: raise demo.steps")
 
     t0 = time.perf_counter()
-    oracle_trainer = Trainer(retrain_config(run_dir, ids, out / "retrain"), tokenizer=trainer.tokenizer)
+    phase(2, f"exact retraining without the {len(ids)} forgotten samples (the oracle)")
+    oracle_cfg = retrain_config(run_dir, ids, out / "retrain")
+    oracle_cfg.training.progress_bar = show
+    oracle_trainer = Trainer(oracle_cfg, tokenizer=trainer.tokenizer)
     oracle_trainer.train()
     timings["retrain"] = time.perf_counter() - t0
     oracle = {n: p.detach().clone() for n, p in oracle_trainer.engine.trainable().items()}
@@ -128,50 +139,43 @@ def run_demo(cfg) -> dict[str, Any]:
     retain_ids = [i for i in range(len(dataset)) if i not in set(ids)][: d.eval_max_retain]
     model_dirs = {"original": run_dir / "final_model", "oracle": out / "retrain" / "final_model"}
 
-    results = {}
+    unlearned = {}  # row name -> UnlearnResult (the certification section uses the full-window one)
 
     def export(name, res):
-        results[name] = res
+        unlearned[name] = res
         model_dirs[name] = export_model(session.model_with(res.params), trainer.tokenizer, models_dir / name)
 
     t0 = time.perf_counter()
     grid = default_grid(session.tau, d.Ks, d.hessian_modes)
+    phase(3, f"unlearning with {len(grid)} method settings, each measured against the oracle")
     rows = compare_methods(session, ids, grid, oracle, [dataset[i] for i in ids], [dataset[i] for i in retain_ids],
-                           on_result=export, progress=cfg.training.progress_bar)
+                           on_result=export, progress=cfg.training.progress_bar, include_original=True)
     timings["unlearn_all_methods"] = time.perf_counter() - t0
 
     data = (EvalData.embedded(forget_ids=ids, max_retain=d.eval_max_retain, max_holdout=d.eval_max_holdout)
             if d.data == "embedded" else None)
     if data is not None:
         t0 = time.perf_counter()
+        phase(4, f"evaluating {len(model_dirs)} models (forgetting, utility, membership inference)")
         _, summary = evaluate_models({k: str(v) for k, v in model_dirs.items()}, data, oracle="oracle",
                                      original="original", out_dir=out / "eval", max_new_tokens=d.eval_max_new_tokens,
                                      progress=cfg.training.progress_bar)
         timings["eval"] = time.perf_counter() - t0
-        models = summary.get("models", summary)
-        for r in rows:
-            m = models.get(r["name"], {})
-            for key in ("forget_quality", "model_utility", "mia_auc"):
-                r[key] = m.get(key)
-        for base in ("original", "oracle"):
-            m = models.get(base, {})
-            rows.append({"name": base, "method": base, "rel_param_error": 1.0 if base == "original" else 0.0,
-                         **{k: m.get(k) for k in ("kl_forget", "kl_retain", "forget_quality", "model_utility",
-                                                  "mia_auc")}})
+        merge_eval(rows, summary)
     sections, certification = [], None
-    full = results.get(row_name("LMCleanerSampleLevel", {"hessian_mode": d.hessian_modes[0], "K": session.tau}))
-    if data is not None and d.certify_epsilons and full is not None:
+    full_name = row_name("LMCleanerSampleLevel", {"hessian_mode": d.hessian_modes[0], "K": session.tau})
+    if data is not None and d.certify_epsilons and full_name in unlearned:
         t0 = time.perf_counter()
-        certification = certification_sweep(session, full, oracle, data, [*d.certify_epsilons, math.inf],
-                                             list(d.certify_variants), max_new_tokens=d.eval_max_new_tokens,
-                                             rank=8, progress=cfg.training.progress_bar)
-        certification["unlearned"] = row_name("LMCleanerSampleLevel", {"hessian_mode": d.hessian_modes[0],
-                                                                       "K": session.tau})
+        phase(5, f"certified removal of {full_name}: calibrated noise at epsilon {list(d.certify_epsilons)}, "
+                 "certified vs oracle + the same noise")
+        certification = certification_sweep(session, unlearned[full_name], oracle, data,
+                                            [*d.certify_epsilons, math.inf], list(d.certify_variants),
+                                            max_new_tokens=d.eval_max_new_tokens, rank=8,
+                                            progress=cfg.training.progress_bar)
+        certification["unlearned"] = full_name
         timings["certify"] = time.perf_counter() - t0
-        if plot_certification(certification, out / "certification.png") is not None:
-            sections.append(certification_markdown(certification, "certification.png"))
-        else:
-            sections.append(certification_markdown(certification))
+        png = plot_certification(certification, out / "certification.png")
+        sections.append(certification_markdown(certification, png.name if png else None))
     skipped = sorted(set(wanted) - set(ids))
     notes = (f"Forgot {len(ids)} samples (ids {ids[:8]}{'...' if len(ids) > 8 else ''}) used in "
              f"{len(session.steps_for(ids))} of {session.tau} steps"

@@ -37,13 +37,37 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters through ``peft``; only adapter weights are trained."""
+    """LoRA adapters through ``peft``; only adapter weights are trained.
+
+    ``target_modules``: module names to adapt; unset, the known targets of the
+    model type (peft's table: ``q_proj, v_proj`` for Llama, ``c_attn`` for
+    GPT-2, ...), or every linear layer (``all-linear``) for other types. A name
+    that matches nothing is a one-line error listing the model's linear modules.
+    """
 
     enabled: bool = False
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: Optional[list[str]] = None
+
+
+@dataclass
+class OnlineUnlearningConfig:
+    """How deletion requests that arrive *during* training are applied (``training.online_unlearning``).
+
+    Requests come from ``training.forget_request_file`` (lines
+    ``{"request_id": "r1", "ids": [17]}`` appended while the run trains) or
+    ``Trainer.request_forget``. ``method``: ``LMCleanerSample`` / ``LMCleanerBatch``
+    (a correction, then the ids are excluded from later batches), ``replay``
+    (exact: the run ends bit-identical to retraining without them), or
+    ``rollback`` / ``sgd_formula``; unset, a request stops training with an error.
+    """
+
+    method: Optional[str] = None
+    K: int = 800  # propagation window (LMCleaner methods)
+    hessian_mode: str = "exact"  # exact | GGN | diag
+    damping: float = 1e-4
 
 
 @dataclass
@@ -74,15 +98,18 @@ class TrainingConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     weight_decay: float = 0.0
+    weight_decay_exclude: list[str] = field(default_factory=list)  # parameter names trained without weight decay (HF Trainer's bias/norm rule; set by lmcleaner.integrations)
     max_grad_norm: float = 1.0  # <= 0 disables clipping
     scheduler: str = "cosine"  # cosine | linear | constant
     warmup_steps: int = 20
     mixed_precision: str = "no"  # no | fp16 | bf16
     save_precision: str = "float32"  # dtype of the exported model weights
     gradient_checkpointing: bool = False
-    distributed_strategy: str = "ddp"  # ddp | fsdp (multi-process via torchrun / accelerate launch)
+    # several processes (torchrun): ddp replicates the model; fsdp shards it with FSDP2 through Accelerate
+    # (sharded safetensors checkpoints, gathered export; recorder storage=light). One process ignores it.
+    distributed_strategy: str = "ddp"  # ddp | fsdp
     num_gpus: int = 0  # informational; the launcher decides the number of processes
-    fsdp_sharding_strategy: str = "FULL_SHARD"
+    fsdp_sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD (ZeRO-3) | SHARD_GRAD_OP (ZeRO-2)
     save_steps: int = 0  # 0: no intermediate checkpoints (the recorder may still ask for them)
     eval_steps: int = 0  # 0: no periodic eval
     save_total_limit: Optional[int] = None  # keep at most N checkpoints (the recorder's window is protected)
@@ -97,6 +124,7 @@ class TrainingConfig:
     resume_from_checkpoint: Optional[str] = None  # a checkpoint dir, or "latest"
     exclude_ids: list[int] = field(default_factory=list)  # samples removed from every batch (exact retrain)
     forget_request_file: Optional[str] = None  # online deletion requests, checked between steps
+    online_unlearning: OnlineUnlearningConfig = field(default_factory=OnlineUnlearningConfig)  # how they are applied
     router_aux_loss: bool = True  # add router losses when the model returns router logits
     load_balance_coef: float = 0.01
     auxiliary_coef: float = 0.0
@@ -151,7 +179,7 @@ class UnlearnTrainerConfig:
       ``docs/certification.md``); absent: no noise.
     """
 
-    handler: str = "LMCleanerBatchLevel"
+    handler: str = "auto"  # per request: an approximation when its estimated error is small enough, else replay
     method_args: dict[str, Any] = field(default_factory=_session_method_args)
 
 
@@ -162,6 +190,7 @@ class UnlearnConfig:
     forget: Any = None  # list of ids, "17,203", a file of ids, or a dataset file matched to training rows
     model_dir: Optional[str] = None  # trained run dir (default: training.output_dir)
     output_dir: Optional[str] = None  # default: <run>/unlearned-<method>
+    max_error: Optional[float] = None  # trainer=auto: accepted estimated relative error (default: the method's 0.1)
 
 
 @dataclass

@@ -12,9 +12,7 @@ import logging
 import sys
 from typing import Sequence
 
-from .data import EvalData, EvalDataError
-from .report import format_table
-from .runner import ModelLoadError, evaluate_models
+# Everything heavy (torch, transformers) is imported in run(): `lmcleaner eval --help` answers at once.
 
 EXAMPLES = """\
 examples:
@@ -24,8 +22,18 @@ examples:
   lmcleaner eval --model m=out/model --data tofu:data/tofu --tofu-forget forget05
   lmcleaner eval --model m=out/model --data forget=f.jsonl,retain=r.jsonl,holdout=h.jsonl
 
-Writes OUT/eval.json (per sample) and OUT/summary.json (per model; null + "reasons"
-for metrics that cannot be computed, e.g. without --oracle).
+data files: json/jsonl/csv/parquet in any format training reads: question/answer (TOFU),
+messages, conversations (ShareGPT), prompt/response, or several fields (--text-field
+instruction,input,output); the last assistant turn is the answer, what precedes it the prompt.
+Truth ratio, forget quality and model utility also need the TOFU fields paraphrased_answer
+(forget/retain) and perturbed_answer (a list of wrong answers); without them these metrics are
+null and summary.json says which field is missing. Forget quality, privleak, KL and the
+parameter error need --oracle; membership inference needs a holdout split.
+
+Writes OUT/eval.json (per sample), OUT/summary.json (per model; null + "reasons" for metrics
+that cannot be computed), OUT/forget_vs_utility.png, OUT/mia_auc.png, and for each model
+OUT/open_unlearning/NAME/TOFU_EVAL.json + TOFU_SUMMARY.json under open-unlearning's key names
+(use --convention open-unlearning for numbers comparable with their tables).
 """
 
 TABLE_COLUMNS = ["model", "forget_prob", "forget_rougeL", "forget_truth_ratio", "forget_quality", "model_utility",
@@ -61,6 +69,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="embedded data: author indices to forget (default 0 when --forget-ids is not given)")
     p.add_argument("--forget-ids", type=_csv_ints, default=None, metavar="I,J",
                    help="embedded data: training sample ids to forget")
+    p.add_argument("--text-field", default=None, metavar="F[,G,...]",
+                   help="like training.text_field: the field holding the conversation, or several fields whose "
+                        "last one is the answer (e.g. instruction,input,output)")
+    p.add_argument("--convention", default="lmcleaner", choices=["lmcleaner", "open-unlearning"],
+                   help="metric definitions: lmcleaner (default) or open-unlearning's (last answer token left out "
+                        "of EM/ES/Min-K, ES floor 1/n, zlib of the decoded answer tokens, Min-K%%++ variance floor "
+                        "1e-6); see docs/evaluation.md")
     p.add_argument("--tofu-forget", default="forget01", metavar="NAME",
                    help="TOFU forget split (forget01/forget05/forget10; default forget01)")
     p.add_argument("--max-rows", type=int, default=None, metavar="N",
@@ -96,8 +111,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def build_data(args: argparse.Namespace) -> EvalData:
-    """The :class:`EvalData` named by ``--data`` (and its companion options)."""
+def build_data(args: argparse.Namespace):
+    """The :class:`~lmcleaner.evaluate.EvalData` named by ``--data`` (and its companion options)."""
+    from .data import EvalData, EvalDataError
+
     spec = args.data
     if spec == "embedded":
         authors = args.forget_authors
@@ -114,11 +131,16 @@ def build_data(args: argparse.Namespace) -> EvalData:
         parts[key] = value
     if "forget" not in parts:
         raise EvalDataError(f"bad --data '{spec}': forget=FILE is required")
-    return EvalData.from_paths(**parts, max_rows=args.max_rows)
+    text_field = args.text_field.split(",") if args.text_field and "," in args.text_field else args.text_field
+    return EvalData.from_paths(**parts, max_rows=args.max_rows, text_field=text_field)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lmcleaner eval``; returns the exit code."""
+    from .data import EvalDataError
+    from .report import format_table
+    from .runner import ModelLoadError, evaluate_models
+
     names = [n for n, _ in args.models]
     dup = sorted({n for n in names if names.count(n) > 1})
     try:
@@ -137,14 +159,15 @@ def run(args: argparse.Namespace) -> int:
             dict(args.models), data, oracle=args.oracle, original=args.original, tokenizer=tokenizer,
             out_dir=args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             max_length=args.max_length, min_k=args.min_k, dtype=args.dtype, device=args.device,
-            progress=not args.no_progress,
+            progress=not args.no_progress, convention=args.convention,
         )
     except (ModelLoadError, EvalDataError, ValueError, OSError) as err:
         print(f"lmcleaner eval: error: {err}", file=sys.stderr)
         return 2
     rows = [{"model": name, **res} for name, res in summary["models"].items()]
     print(format_table(rows, TABLE_COLUMNS))
-    print(f"wrote {args.out}/eval.json and {args.out}/summary.json")
+    print(f"wrote {args.out}/eval.json, summary.json, forget_vs_utility.png, mia_auc.png and "
+          f"open_unlearning/<model>/TOFU_SUMMARY.json ({summary['convention']} convention)")
     return 0
 
 

@@ -189,6 +189,84 @@ def plot_error_vs_cost(rows: Sequence[Mapping[str, Any]], path: str | Path,
     return _save(fig, Path(path))
 
 
+def _model_label(row: Mapping[str, Any]) -> str:
+    return str(row.get("name") or row.get("model") or row.get("method") or "?")
+
+
+def plot_forget_vs_utility(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path | None:
+    """Each model as a point: forgetting (forget quality, log; else forget-set answer
+    probability) against model utility. Top right is the goal when forget quality is
+    plotted (indistinguishable from the oracle, useful); ``None`` without data."""
+    xkey = "forget_quality" if any(_finite(r.get("forget_quality")) and float(r["forget_quality"]) > 0
+                                   for r in rows) else "forget_prob"
+    pts = [r for r in rows if _finite(r.get(xkey)) and _finite(r.get("model_utility"))
+           and (xkey != "forget_quality" or float(r[xkey]) > 0)]
+    if not pts:
+        return None
+    fig, ax = _new_figure()
+    for i, r in enumerate(pts):
+        x, y = float(r[xkey]), float(r["model_utility"])
+        ax.scatter([x], [y], s=40, color=f"C{i % 10}", zorder=3)
+        ax.annotate(_model_label(r), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if xkey == "forget_quality":
+        ax.set_xscale("log")
+        ax.set_xlabel("forget quality (KS p-value vs the oracle, log; higher = closer to retraining)")
+    else:
+        ax.set_xlabel("forget-set answer probability (lower = more forgotten)")
+    ax.set_ylabel("model utility")
+    ax.set_title("Forgetting vs utility, per model")
+    ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, Path(path))
+
+
+_ATTACK_LABELS = {"mia_auc_loss": "LOSS", "mia_auc_zlib": "zlib", "mia_auc_min_k": "Min-K%",
+                  "mia_auc_min_k_plus_plus": "Min-K%++"}
+
+
+def plot_mia_auc(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path | None:
+    """Membership-inference AUC (forget vs holdout) per model, one bar per attack when the rows
+    carry them (else the primary ``mia_auc``); 0.5 = forget looks like unseen data."""
+    keys = [k for k in _ATTACK_LABELS if any(_finite(r.get(k)) for r in rows)] or ["mia_auc"]
+    models = [r for r in rows if any(_finite(r.get(k)) for k in keys)]
+    if not models:
+        return None
+    fig, ax = _new_figure(max(7.0, 0.9 * len(models) + 2), 4.5)
+    width = 0.8 / len(keys)
+    for j, key in enumerate(keys):
+        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(models))]
+        ys = [float(r[key]) if _finite(r.get(key)) else math.nan for r in models]
+        ax.bar(xs, ys, width=width, color=f"C{j}", label=_ATTACK_LABELS.get(key, "MIA AUC"))
+    ax.axhline(0.5, linestyle="--", color="gray", linewidth=1.0, label="chance (0.5)")
+    ax.set_xticks(range(len(models)))
+    ax.set_xticklabels([_model_label(r) for r in models], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0.0, 1.18)
+    ax.set_yticks([0.0, 0.25, 0.5, 0.75, 1.0])
+    ax.set_ylabel("AUC forget (members) vs holdout")
+    ax.set_title("Membership inference AUC per model")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize="small", ncol=len(keys) + 1, loc="upper center")
+    return _save(fig, Path(path))
+
+
+MODEL_PLOTS = [
+    ("forget_vs_utility", "Forgetting vs utility", plot_forget_vs_utility,
+     "no model has both a forget metric and model_utility"),
+    ("mia_auc", "Membership inference AUC per model", plot_mia_auc, "no model has an MIA AUC"),
+]
+
+
+def write_model_plots(rows: Sequence[Mapping[str, Any]], out_dir: str | Path) -> dict[str, Path]:
+    """The per-model PNG plots (also part of :func:`write_report`); the ones without data are skipped."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for key, _, draw, _ in MODEL_PLOTS:
+        written = draw(rows, out / f"{key}.png")
+        if written is not None:
+            paths[key] = written
+    return paths
+
+
 def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path,
                  loss_history: Sequence[tuple[float, float]] | None = None, title: str = "lmcleaner report",
                  notes: str | None = None, sections: Sequence[str] = ()) -> dict[str, Path]:
@@ -208,6 +286,7 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path,
          "no row has both K and rel_param_error"),
         ("error_vs_cost", "Error vs cost", lambda p: plot_error_vs_cost(rows, p),
          "no row has both a cost and rel_param_error"),
+        *[(key, heading, (lambda p, d=draw: d(rows, p)), why) for key, heading, draw, why in MODEL_PLOTS],
     ]
     lines = [f"# {title}", ""]
     if notes:

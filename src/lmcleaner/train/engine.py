@@ -22,6 +22,7 @@ import torch
 
 from ..data.collate import Collator
 from ..trajectory.types import StepRecord
+from . import distributed
 from .loss import token_nll_sum
 from .router import compute_router_auxiliary_loss
 
@@ -82,7 +83,12 @@ class Engine:
         return self.accelerator.unwrap_model(self.model)
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
+        """The live trainable parameters (``DTensor`` shards under FSDP)."""
         return {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+
+    def full_trainable(self) -> dict[str, torch.Tensor]:
+        """Detached full copies of the trainable parameters (a collective under FSDP)."""
+        return distributed.gather(self.trainable())
 
     def applied_lrs(self) -> list[float]:
         return [float(g["lr"]) for g in self.optimizer.param_groups]
@@ -97,6 +103,29 @@ def _filter(micro_batches: list[list[int]], excluded: set[int]) -> list[list[int
 def _wants_router_logits(model) -> bool:
     cfg = getattr(model, "config", None)
     return bool(cfg is not None and (getattr(cfg, "num_local_experts", 0) or getattr(cfg, "num_experts", 0)))
+
+
+def micro_batch_loss(model, batch: dict, device, normaliser: int, world_size: int, n_micro: int,
+                     router: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, NLL sum) of one micro-batch: ``NLL * world_size / N``.
+
+    ``N`` is the whole step's supervised-token count. ``router``: the training
+    config when router auxiliary losses are added (MoE), else None. Shared
+    with :mod:`lmcleaner.integrations` so a recorded Hugging Face ``Trainer``
+    step computes exactly what a replayed step computes.
+    """
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    if router is not None:
+        inputs["output_router_logits"] = True
+    out = model(**inputs, use_cache=False)
+    nll = token_nll_sum(out.logits, batch["labels"].to(device))
+    # DDP averages over ranks; multiplying by the world size turns that into a sum.
+    loss = nll * (world_size / normaliser) if normaliser > 0 else nll * 0.0
+    if router is not None and getattr(out, "router_logits", None) is not None:
+        aux = compute_router_auxiliary_loss(out.router_logits, router.load_balance_coef, router.auxiliary_coef,
+                                            router.z_loss_coef)["total"]
+        loss = loss + aux * (world_size / n_micro)
+    return loss, nll
 
 
 def run_step(engine: Engine, step: int, epoch: int, micro_batches: list[list[int]],
@@ -122,18 +151,8 @@ def run_step(engine: Engine, step: int, epoch: int, micro_batches: list[list[int
         is_last = m == len(mine) - 1
         ctx = acc.no_sync(engine.model) if (ws > 1 and not is_last) else _nullcontext()
         with ctx:
-            inputs = {"input_ids": batch["input_ids"].to(acc.device),
-                      "attention_mask": batch["attention_mask"].to(acc.device)}
-            if router:
-                inputs["output_router_logits"] = True
-            out = engine.model(**inputs, use_cache=False)
-            nll = token_nll_sum(out.logits, batch["labels"].to(acc.device))
-            # DDP averages over ranks; multiplying by the world size turns that into a sum.
-            loss = nll * (ws / normaliser) if normaliser > 0 else nll * 0.0
-            if router and getattr(out, "router_logits", None) is not None:
-                aux = compute_router_auxiliary_loss(out.router_logits, t.load_balance_coef, t.auxiliary_coef,
-                                                    t.z_loss_coef)["total"]
-                loss = loss + aux * (ws / len(mine))
+            loss, nll = micro_batch_loss(engine.model, batch, acc.device, normaliser, ws, len(mine),
+                                         t if router else None)
             acc.backward(loss)
         nll_total += nll.detach().double().cpu()
 
@@ -146,7 +165,7 @@ def run_step(engine: Engine, step: int, epoch: int, micro_batches: list[list[int
         acc.unscale_gradients()
         grads = [p.grad for p in params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-    grad_norm = float(grad_norm)
+    grad_norm = float(distributed.full(grad_norm))  # FSDP: a replicated DTensor
     lrs = engine.applied_lrs()
     engine.optimizer.step()
     engine.scheduler.step()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from ..data.tokenizer import load_error
+
 EMBEDDED_MODEL = "tiny-llama"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,24 +45,54 @@ def build_model(mcfg, tokenizer, seed: int = 0, lora_cfg=None):
     else:
         from .pretrain import resolve_base
 
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_base(mcfg.name_or_path), dtype=dtype, attn_implementation=mcfg.attn_implementation,
-            trust_remote_code=mcfg.trust_remote_code,
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                resolve_base(mcfg.name_or_path), dtype=dtype, attn_implementation=mcfg.attn_implementation,
+                trust_remote_code=mcfg.trust_remote_code,
+            )
+        except Exception as err:  # noqa: BLE001 - one line naming model.name_or_path instead of 30
+            raise load_error("model", "model.name_or_path", mcfg.name_or_path, err) from None
     if lora_cfg is not None and lora_cfg.enabled:
         model = apply_lora(model, lora_cfg, seed)
     return model
 
 
+class LoraTargetError(ValueError):
+    """``lora.target_modules`` matches nothing in the model (one line, listing what exists)."""
+
+
+def linear_module_names(model) -> list[str]:
+    """Short names of the model's linear layers (``nn.Linear`` and GPT-2's ``Conv1D``), the LoRA candidates."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, (torch.nn.Linear, Conv1D)) and name and not name.endswith("lm_head")})
+
+
+def default_lora_targets(model) -> list[str] | str:
+    """peft's known targets for the model type, else every linear layer."""
+    from peft.utils import constants
+
+    table = constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    known = table.get(getattr(getattr(model, "config", None), "model_type", None))
+    return list(known) if known else "all-linear"
+
+
 def apply_lora(model, lora_cfg, seed: int = 0):
     from peft import LoraConfig, get_peft_model
 
+    targets = list(lora_cfg.target_modules) if lora_cfg.target_modules else default_lora_targets(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        return get_peft_model(model, LoraConfig(
-            r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-            target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM",
-        ))
+        try:
+            return get_peft_model(model, LoraConfig(
+                r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                target_modules=targets, task_type="CAUSAL_LM",
+            ))
+        except ValueError as err:
+            first = (str(err).strip().splitlines() or ["no module matched"])[0].rstrip(". ")
+            raise LoraTargetError(f"lora.target_modules={targets} does not fit this model ({first}); its linear "
+                                  f"modules are {linear_module_names(model)}") from None
 
 
 def trainable_named_parameters(model) -> dict[str, torch.nn.Parameter]:

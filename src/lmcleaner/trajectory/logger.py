@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ..train import checkpoint as ckpt
+from ..train import distributed as dist_utils
 from ..train.engine import step_seed
 from ..train.hooks import NullRecorder
 from . import layout, restore
@@ -357,8 +358,7 @@ class TrainingLogger(NullRecorder):
         if ev.get("ids") and self.engine is not None:
             path = layout.anchor_dir(self.log_dir, step)
             path.parent.mkdir(parents=True, exist_ok=True)
-            ckpt.save_checkpoint(path, self._params, self.engine.optimizer, self.engine.scheduler,
-                                 {"step": step, "kind": "anchor", "request_id": ev.get("request_id")})
+            save_anchor(self.engine, path, ev)
             self._points[(step, restore.ANCHOR)] = restore.RestorePoint(step, path.resolve(), restore.ANCHOR)
             ev["anchor"] = str(path.relative_to(self.log_dir))
             if step not in self._event_steps:
@@ -379,19 +379,42 @@ class TrainingLogger(NullRecorder):
         return TrajectoryLog(self.log_dir)
 
 
+def save_anchor(engine, path: Path, event: dict[str, Any]) -> None:
+    """The exact state after an online correction (``anchors/step-<t>``). Plain
+    parameters: the main rank writes; sharded (FSDP): every rank writes its part."""
+    ckpt.save_checkpoint(path, engine.trainable(), engine.optimizer, engine.scheduler,
+                         {"step": int(event["step"]), "kind": "anchor", "request_id": event.get("request_id")},
+                         ckpt.Ranks.of(engine.accelerator))
+
+
 class FollowerRecorder(NullRecorder):
     """What ranks other than the main one get: records nothing, but asks for the
-    same checkpoints as the main rank's :class:`TrainingLogger`.
+    same checkpoints as the main rank's :class:`TrainingLogger`, knows where
+    that log is (an online request makes every rank read it: ``log_dir``, a
+    filesystem shared by the ranks) and writes its part of a sharded anchor.
 
     Why: ``Trainer.save_checkpoint`` ends with a barrier, so every rank must
     decide to checkpoint at the same steps or the run deadlocks.
     """
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, log_dir: str | Path | None = None):
         self.settings = config if isinstance(config, RecorderSettings) else resolve_settings(config)
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.engine = None
+
+    def on_train_begin(self, engine, meta: dict[str, Any], resume_step: int) -> None:
+        self.engine = engine
 
     def wants_checkpoint(self, step: int) -> bool:
         return step % self.settings.checkpoint_interval == 0
+
+    def flush(self, wait: bool = True, **_: Any) -> None:
+        """The main rank writes the log; the online unlearner waits for it with a barrier."""
+
+    def on_unlearn_event(self, event: dict[str, Any]) -> None:
+        if event.get("ids") and self.engine is not None and any(
+                dist_utils.is_sharded(p) for p in self.engine.trainable().values()):
+            save_anchor(self.engine, layout.anchor_dir(self.log_dir, int(event["step"])), event)
 
 
 def _barriers(meta: dict[str, Any]) -> list[int]:

@@ -263,8 +263,9 @@ class TrajectoryLog:
                     if fp == self.meta.get("dataset_fingerprint"):
                         points[(step, restore.CHECKPOINT)] = RestorePoint(step, cpath.resolve())
         self.all_restore_points = sorted(points.values(), key=lambda p: (p.step, p.kind))
-        self._points = [p for p in self.all_restore_points
-                        if (p.path / "model.safetensors").is_file() and (p.step <= hi)]
+        from ..train.checkpoint import has_params
+
+        self._points = [p for p in self.all_restore_points if has_params(p.path) and (p.step <= hi)]
         self.missing_restore_points = [p for p in self.all_restore_points if p not in self._points]
 
     # ---------------------------------------------------------------- basics

@@ -35,8 +35,13 @@ def preserved_rng() -> Iterator[None]:
 
 
 def replay_config(log: TrajectoryLog):
-    """The run's config, made safe to rebuild in-process (no resume, no recorder, quiet)."""
+    """The run's config, made safe to rebuild in-process (no resume, no recorder, quiet), for
+    this launch's world size: a run recorded on N ranks replays at N ranks bit for bit, or with
+    fewer processes (one) whose accumulation makes up the same global batch (float tolerance)."""
+    from ..train.distributed import same_global_batch
+
     cfg = log.config()
+    same_global_batch(cfg.training, int(log.meta.get("world_size", 1)))
     cfg.training.resume_from_checkpoint = None
     cfg.training.forget_request_file = None
     cfg.training.progress_bar = False

@@ -71,6 +71,8 @@ def run(args) -> int:
         return 0
     ma, args = split_method_args(to_dict(cfg.trainer.method_args))
     method = canonical_method(cfg.trainer.handler)
+    if cfg.unlearn.max_error is not None and method == "auto":
+        args["max_error"] = cfg.unlearn.max_error
     method_config(method, args)  # a bad argument fails before the run is opened
     if ma.get("certify"):
         from .certify import certify_config
@@ -84,6 +86,8 @@ def run(args) -> int:
                          certify=ma.get("certify"), **args)
     out = Path(cfg.unlearn.output_dir) if cfg.unlearn.output_dir else session.run_dir / f"unlearned-{method}"
     session.save(result, out, ma.get("audit_dir"), apply=bool(ma.get("apply_immediately", True)))
+    if not session.is_main_process:  # under torchrun every rank computes, the main one reports
+        return 0
     if result.info.get("fallback_from"):
         print(f"lmcleaner unlearn: warning: {method} diverged (retain loss "
               f"{result.info['fallback_from']['retain_loss_after']:.3f}); the result is exact replay instead "

@@ -28,18 +28,21 @@ def retrain_config(run_dir: Path, forget_ids: list[int], output_dir: Path):
     from omegaconf import OmegaConf
 
     from ..config import load_config
+    from ..train.distributed import same_global_batch
     from .session import UnlearnError
 
     meta = run_dir / "training_log" / "meta.json"
     state = run_dir / "trainer_state.json"
     if meta.is_file():
-        recorded = json.loads(meta.read_text())["config"]
+        recorded = json.loads(meta.read_text())
     elif state.is_file():
-        recorded = json.loads(state.read_text())["config"]
+        recorded = json.loads(state.read_text())
     else:
         raise UnlearnError(f"{run_dir} is not a trained run (no training_log/meta.json or trainer_state.json)")
     cfg = load_config()
-    cfg = OmegaConf.merge(cfg, recorded)
+    cfg = OmegaConf.merge(cfg, recorded["config"])
+    if "world_size" in recorded:  # same global batch at this launch's world size (the same batch plan)
+        same_global_batch(cfg.training, int(recorded["world_size"]))
     cfg.training.exclude_ids = sorted(set(forget_ids) | set(cfg.training.exclude_ids))
     cfg.training.output_dir = str(output_dir)
     cfg.training.resume_from_checkpoint = None
@@ -63,7 +66,11 @@ def run(args) -> int:
     ids = resolve_forget_ids(cfg.unlearn.forget, rows)
     validate_ids(ids, len(rows))
     rcfg = retrain_config(run_dir, ids, out)
-    state = Trainer(rcfg, tokenizer=tok).train()
+    rcfg.training.progress_bar = cfg.training.progress_bar  # this command's display, not the recorded run's
+    trainer = Trainer(rcfg, tokenizer=tok)
+    state = trainer.train()
+    if not trainer.accelerator.is_main_process:  # under torchrun the main process reports
+        return 0
     print(json.dumps({"output_dir": str(out), "model_dir": str(out / "final_model"), "forget_ids": ids,
                       "steps": state.step}))
     return 0

@@ -15,12 +15,27 @@ upcast once (a float32 copy; no copy when the model is already float32).
 
 The step loss is exactly the trainer's (``train.loss``):
 ``sum over micro-batches of token_nll_sum(logits, labels) / normaliser``.
+
+Data parallel (``torchrun``): every quantity the unlearning engine evaluates
+on a step is a *sum over micro-batches* (NLL sums, their gradients, their
+Hessian-vector products) divided by one normaliser. So under several
+processes each rank evaluates its share of the micro-batches (``rank, rank +
+W, ...``, the trainer's own split), the partial sums are all-reduced, and the
+normaliser is applied after the reduction: the same numbers as one process up
+to the order of the float summation (bit for bit when every rank holds one
+micro-batch, since ``a + b == b + a``). :class:`DataParallel` is that split
+and reduction, used here and by the HVP backends (``unlearn.hvp.base``) and
+nowhere else; it is picked up from ``torch.distributed`` when a process group
+with more than one rank is initialised, so every rank must run the same
+unlearning call (``torchrun ... lmcleaner unlearn``, or an online request,
+which all ranks apply at the same step).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -42,6 +57,53 @@ log = logging.getLogger(__name__)
 _DIFFERENTIABLE_ATTN = ("eager", "sdpa")
 
 
+class DataParallel:
+    """This process's share of a step's micro-batches and the sum over processes.
+
+    ``DataParallel()`` is one process (no split, no communication);
+    :meth:`from_env` uses the default ``torch.distributed`` group when one with
+    more than one rank is initialised. Every rank must call :meth:`sum` in the
+    same order (they do: the unlearning sweep is deterministic).
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, group=None) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.rank, self.world_size, self.group = rank, world_size, group
+
+    @classmethod
+    def from_env(cls) -> "DataParallel":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def share(self, batches: list[Batch]) -> list[Batch]:
+        """The micro-batches this rank evaluates (the trainer's ``rank::world_size`` split)."""
+        return batches[self.rank::self.world_size] if self.active else batches
+
+    def sum(self, parts: Params) -> Params:
+        """All-reduced sum of per-rank partial sums (one flat buffer, one collective)."""
+        if not self.active:
+            return parts
+        import torch.distributed as dist
+
+        names = list(parts)
+        flat = torch.cat([parts[n].reshape(-1) for n in names])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        out, k = {}, 0
+        for n in names:
+            size = parts[n].numel()
+            out[n] = flat[k:k + size].view_as(parts[n])
+            k += size
+        return out
+
+
 def to_compute(params: Params) -> Params:
     """Detached float32 copies (no copy when already float32)."""
     return {n: t.detach().to(COMPUTE_DTYPE) for n, t in params.items()}
@@ -52,11 +114,15 @@ class FunctionalLM:
 
     ``trainable`` are the names of the parameters the optimizer updates (the
     keys of ``ReplayedStep.params``); every other floating parameter or buffer
-    is held fixed and, if not float32, upcast once.
+    is held fixed and, if not float32, upcast once. ``dp``: the data-parallel
+    split (default: :meth:`DataParallel.from_env`); :meth:`grad_nll_sum` and
+    the HVP backends use it, :meth:`loss` and :meth:`nll_sum` are this
+    process's local, differentiable functions.
     """
 
-    def __init__(self, model: nn.Module, trainable: Iterable[str]) -> None:
+    def __init__(self, model: nn.Module, trainable: Iterable[str], dp: DataParallel | None = None) -> None:
         self.model = model
+        self.dp = dp if dp is not None else DataParallel.from_env()
         self.trainable = list(trainable)
         known = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         missing = [n for n in self.trainable if n not in known]
@@ -72,6 +138,9 @@ class FunctionalLM:
                 self.frozen[n] = t.detach().to(COMPUTE_DTYPE)
         config = getattr(model, "config", None)
         self._extra = {"use_cache": False} if hasattr(config, "use_cache") else {}
+        # measured cost of gradients (seconds per row), the unit HVP costs are reported in
+        self.grad_seconds = 0.0
+        self.grad_rows = 0
 
     # -- forward -----------------------------------------------------------
     def logits(self, params: Params, batch: Batch) -> torch.Tensor:
@@ -84,21 +153,32 @@ class FunctionalLM:
         return token_nll_sum(self.logits(params, batch), batch["labels"])
 
     def loss(self, params: Params, batches: list[Batch], normaliser: float) -> torch.Tensor:
-        """The step loss: summed token NLL over all micro-batches / one normaliser."""
+        """The step loss: summed token NLL over all micro-batches / one normaliser (in this
+        process, differentiable; no data-parallel split)."""
         total = sum(self.nll_sum(params, b) for b in batches)
         return total / normaliser
 
     def grad_nll_sum(self, params: Params, batches: list[Batch]) -> Params:
         """Gradient of the *unnormalised* NLL sum over ``batches`` (zeros if empty).
 
-        Micro-batch by micro-batch so memory is that of one micro-batch.
+        Micro-batch by micro-batch so memory is that of one micro-batch; under
+        several processes each rank differentiates its share and the sums are
+        all-reduced (``dp``).
         """
+        t0 = time.perf_counter()
         out = {n: torch.zeros_like(p) for n, p in params.items()}
-        for b in batches:
+        for b in self.dp.share(batches):
             g = torch.func.grad(self.nll_sum)(params, b)
             for n in out:
                 out[n] += g[n]
-        return out
+            self.grad_rows += int(b["input_ids"].shape[0])
+        self.grad_seconds += time.perf_counter() - t0
+        return self.dp.sum(out)
+
+    @property
+    def seconds_per_row(self) -> float | None:
+        """Measured seconds of a gradient per batch row in this process (None before any)."""
+        return self.grad_seconds / self.grad_rows if self.grad_rows else None
 
     def grad(self, params: Params, batches: list[Batch], normaliser: float) -> Params:
         """Gradient of the step loss (zeros when nothing is supervised)."""

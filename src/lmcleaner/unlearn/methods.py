@@ -28,14 +28,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from lmcleaner.trajectory.types import OptimizerSpec, ReplayedStep
-from lmcleaner.unlearn.functional import FunctionalLM, Params, norm, removal_injection
+from lmcleaner.unlearn.functional import FunctionalLM, Params, norm, removal_injection, split_rows, supervised
 from lmcleaner.unlearn.hvp import BACKENDS, EXACT_IMPLS, DiagProvider, make_hvp_backend
 from lmcleaner.unlearn.propagation import OPTIMIZER_MAPS, Injector, OptState, PropagationResult, propagate
 
@@ -59,11 +59,15 @@ class CorrectionAudit:
     n_hvp_calls: int
     n_hvp_vectors: int
     n_grad_evals: float
-    grad_equivalents: float  # gradient evaluations + HVP directions at their measured cost
+    grad_equivalents: float  # gradient evaluations + HVP directions at their nominal (k = 1) cost
     hvp_path: str | None
     steps_seen: int
     sweeps: int
     seconds: float
+    # the same with the HVPs at the cost measured in this run (seconds relative to the run's own
+    # gradients: batching k directions costs less than k, a larger model more than 2); None if unmeasured
+    grad_equivalents_measured: float | None = None
+    hvp_cost_measured: float | None = None  # measured gradients per HVP direction
     hvp_stats: dict[str, Any] | None = None  # backend counts (low_rank: Lanczos HVPs, refreshes)
 
     def to_json(self) -> dict[str, Any]:
@@ -85,6 +89,7 @@ class Correction:
     delta_opt_state: OptState
     audit: CorrectionAudit
     betas: tuple[float, float] | None = None  # AdamW's (beta1, beta2): bounds the corrected second moment
+    probe: dict[int, Params] = field(default_factory=dict)  # step -> predicted deviation before it (estimates)
 
 
 def _as_ids(xs: Iterable[int], what: str) -> set[int]:
@@ -109,6 +114,20 @@ def sample_injector(fl: FunctionalLM, requests: list[set[int]]) -> Injector:
         return out
 
     return inject
+
+
+def sample_counterfactual_batches(requests: list[set[int]]):
+    """``(kept micro-batches, their supervised tokens)`` at steps where request ``r`` removes
+    samples (``propagate``'s ``counterfactual_batches``)."""
+
+    def kept(st: ReplayedStep, r: int):
+        present = {int(i) for b in st.batches for i in b["sample_ids"].tolist()}
+        if not present & requests[r]:
+            return None
+        rows, _ = split_rows(st.batches, requests[r])
+        return rows, supervised(rows)
+
+    return kept
 
 
 def batch_injector(requests: list[set[int]]) -> Injector:
@@ -165,6 +184,7 @@ class _Method:
         tau: int,
         diag_provider: DiagProvider | None,
         last_injection: int | None = None,
+        probe_steps: Iterable[int] = (),
     ) -> Correction:
         t0 = time.perf_counter()
         if self.hessian_mode == "diag" and diag_provider is None and self.K > 0:
@@ -178,6 +198,7 @@ class _Method:
         hvp = (make_hvp_backend(self.hessian_mode, fl, diag_provider, self.exact_impl, **self.hvp_options)
                if self.K > 0 else None)
         injector = sample_injector(fl, [forget]) if self.level == "sample" else batch_injector([forget])
+        cf_batches = sample_counterfactual_batches([forget]) if self.level == "sample" else None
 
         def chained():
             yield first
@@ -187,7 +208,7 @@ class _Method:
             res: PropagationResult = propagate(
                 chained(), spec, injector, tau=tau, K=self.K, fl=fl, hvp=hvp, damping=self.damping,
                 rule=self.rule, track_second_moment=self.track_second_moment, optimizer_map=self.optimizer_map,
-                last_injection=last_injection,
+                last_injection=last_injection, probe_steps=probe_steps, counterfactual_batches=cf_batches,
             )
         st = res.stats
         if not st.injection_steps:
@@ -205,8 +226,13 @@ class _Method:
             hvp_path=st.hvp_path, steps_seen=st.steps_seen, sweeps=st.sweeps,
             seconds=time.perf_counter() - t0, hvp_stats=(hvp.describe() or None) if hvp is not None else None,
         )
+        measured = hvp.measured_grad_equivalents(fl.seconds_per_row) if hvp is not None else 0.0
+        if measured is not None:
+            audit.grad_equivalents_measured = n_grad + measured
+            audit.hvp_cost_measured = measured / st.hvp_vectors if st.hvp_vectors else None
         betas = tuple(spec.betas) if spec.name.lower() == "adamw" else None
-        return Correction(delta, res.delta_opt_state[0], audit, betas)
+        probe = {step: per_request[0] for step, per_request in res.stats.probe.items()}
+        return Correction(delta, res.delta_opt_state[0], audit, betas, probe)
 
 
 class LMCleanerSampleLevel(_Method):
@@ -236,6 +262,7 @@ class LMCleanerSampleLevel(_Method):
         tau: int,
         diag_provider: DiagProvider | None = None,
         last_injection: int | None = None,
+        probe_steps: Iterable[int] = (),
     ) -> Correction:
         """Correction at ``tau`` for forgetting ``forget_ids`` jointly.
 
@@ -244,7 +271,8 @@ class LMCleanerSampleLevel(_Method):
         ``model``: the module whose named parameters are ``steps[i].params``
         (not modified).
         """
-        return self._run(model, steps, spec, _as_ids(forget_ids, "forget_ids"), tau, diag_provider, last_injection)
+        return self._run(model, steps, spec, _as_ids(forget_ids, "forget_ids"), tau, diag_provider, last_injection,
+                         probe_steps)
 
 
 class LMCleanerBatchLevel(_Method):
@@ -265,10 +293,11 @@ class LMCleanerBatchLevel(_Method):
         tau: int,
         diag_provider: DiagProvider | None = None,
         last_injection: int | None = None,
+        probe_steps: Iterable[int] = (),
     ) -> Correction:
         """Correction at ``tau`` for zeroing the gradients of ``forget_steps``."""
         return self._run(model, steps, spec, _as_ids(forget_steps, "forget_steps"), tau, diag_provider,
-                         last_injection)
+                         last_injection, probe_steps)
 
 
 class Rollback(_Method):
@@ -286,8 +315,10 @@ class Rollback(_Method):
             raise ValueError(f"unknown level {level!r}; use 'sample' or 'batch'")
         self.level = level
 
-    def compute(self, model, steps, spec, forget, tau, diag_provider=None, last_injection=None) -> Correction:
-        return self._run(model, steps, spec, _as_ids(forget, "forget"), tau, diag_provider, last_injection)
+    def compute(self, model, steps, spec, forget, tau, diag_provider=None, last_injection=None,
+                probe_steps=()) -> Correction:
+        return self._run(model, steps, spec, _as_ids(forget, "forget"), tau, diag_provider, last_injection,
+                         probe_steps)
 
 
 class SGDFormula(_Method):
@@ -302,8 +333,10 @@ class SGDFormula(_Method):
             raise ValueError(f"unknown level {level!r}; use 'sample' or 'batch'")
         self.level = level
 
-    def compute(self, model, steps, spec, forget, tau, diag_provider=None, last_injection=None) -> Correction:
-        return self._run(model, steps, spec, _as_ids(forget, "forget"), tau, diag_provider, last_injection)
+    def compute(self, model, steps, spec, forget, tau, diag_provider=None, last_injection=None,
+                probe_steps=()) -> Correction:
+        return self._run(model, steps, spec, _as_ids(forget, "forget"), tau, diag_provider, last_injection,
+                         probe_steps)
 
 
 def _consistent_second_moment(v: torch.Tensor, m: torch.Tensor | None,

@@ -76,10 +76,36 @@ class UnlearnSession:
             raise UnlearnError(f"model fingerprint mismatch: the log at {self.log_dir} belongs to another "
                                "model/LoRA setup")
         self.tau = self.log.end
+        self.progress, self.progress_leave = True, True  # progress display of run() (steps replayed, ETA)
         self.spec = self.log.optimizer_spec
         # The methods evaluate losses functionally; give them their own module so
-        # replay (which mutates the engine's parameters) cannot interfere.
-        self.template = copy.deepcopy(self.trainer.engine.unwrapped)
+        # replay (which mutates the engine's parameters) cannot interfere. Under FSDP
+        # it is an unsharded copy (every rank: the sweep is data-parallel, not sharded).
+        acc = self.trainer.accelerator
+        self.template = self.trainer.plain_model(device=acc.device)
+        if getattr(self.template, "is_activation_checkpointing", False):
+            # Curvature runs under functional transforms, which checkpointing's input-grad hook breaks;
+            # checkpointing saves memory and does not change values.
+            self.template.activation_checkpointing_disable()
+            self.template.disable_input_require_grads()
+
+    # ------------------------------------------------------------ past steps
+    def iter_steps(self, start: int, end: int):
+        """``ReplayedStep`` for ``start..end-1``: from heavy storage when the log has update
+        vectors (``trajectory.heavy``: no replay), else by exact replay. Returns
+        ``(iterator, cost)`` where ``cost()`` is the training steps or gradients the
+        recovery of past parameters has taken so far."""
+        if self.log.storage == "heavy" and self.log.has_updates:
+            from ..trajectory.heavy import HeavySteps
+            from ..trajectory.reconstruct import BatchReconstructor
+            from .functional import FunctionalLM
+
+            fl = FunctionalLM(self.template, list(self.trainer.engine.trainable()))
+            rec = BatchReconstructor(self.log, self.trainer.dataset, self.trainer.engine.collator)
+            source = HeavySteps(self.log, rec, self.spec, grad_fn=fl.grad)
+            return source(start, end), (lambda: float(source.grad_evals))
+        before = self.replayer.steps_run
+        return self.replayer.iter_steps(start, end), (lambda: float(self.replayer.steps_run - before))
 
     # ------------------------------------------------------------ requests
     def resolve(self, forget: Any) -> list[int]:
@@ -136,8 +162,14 @@ class UnlearnSession:
             raise UnlearnError(f"samples {unused[:5]} were never used in a recorded training step: nothing to forget")
         if unused:
             log.info("samples %s were never used in a recorded step: nothing to unlearn for them", unused[:10])
-        with recorded_threads(self.log.meta.get("torch_num_threads")):
+        budget = self._replay_budget(used)
+        with recorded_threads(self.log.meta.get("torch_num_threads")), \
+                self.replayer.progress(budget, f"unlearn {cls.name}", self.progress, self.progress_leave):
             result = cls().run(self, used, cfg)
+            est = result.info.get("estimated_error")
+            if est is not None and est >= 1.0:  # its own estimate says: no better than doing nothing
+                result.info["diverged"] = True
+                result.info["diverged_reason"] = f"estimated error {est:.3g} >= 1 (doing nothing scores 1)"
             if fallback_to_replay and result.info.get("diverged") and not cls.exact:
                 log.warning("%s diverged; falling back to exact replay", result.method)
                 first = {k: result.info.get(k) for k in ("method", "K", "hessian_mode", "retain_loss_after",
@@ -151,6 +183,15 @@ class UnlearnSession:
                 result = certify_result(self, result, certify_cfg)
         result.info["unused_ids"] = unused
         return result
+
+    def _replay_budget(self, ids: list[int]) -> int:
+        """Steps a method replays at most: from the restore point before the first use to tau."""
+        from ..trajectory import TrajectoryLogError
+
+        try:
+            return self.tau - self.log.restore_point_for(self.log.steps_containing(ids)[0]).step
+        except TrajectoryLogError:  # the method itself reports it, with its own context
+            return self.tau
 
     @torch.no_grad()
     def retain_loss(self, params: dict[str, torch.Tensor], ids: list[int]) -> float:
@@ -182,21 +223,35 @@ class UnlearnSession:
         model.load_state_dict(params, strict=False)
         return model
 
+    @property
+    def is_main_process(self) -> bool:
+        return self.trainer.accelerator.is_main_process
+
     def save(self, result: UnlearnResult, out_dir: str | Path, audit_dir: str | Path | None = None,
              request_id: str | None = None, apply: bool = True) -> Path:
-        """Write the unlearned model (or only the correction) and the audit record."""
+        """Write the unlearned model (or only the correction) and the audit record.
+
+        Under several processes every rank calls it (recovering ``theta_tau`` is
+        collective) and only the main one writes; the others wait for it."""
         out_dir = Path(out_dir)
-        before = weights_fingerprint(self.replayer.state_at(self.tau)[0])
+        theta = self.replayer.state_at(self.tau)[0]
+        before = weights_fingerprint(theta)
         after = weights_fingerprint(result.params)
         if before == after:
             raise UnlearnError("the unlearned weights equal the original ones bit for bit: refusing to write a "
                                "no-op result (check the forget ids and the method)")
+        if self.is_main_process:
+            self._write(result, out_dir, audit_dir, request_id, apply, theta, before, after)
+        self.trainer.accelerator.wait_for_everyone()
+        return out_dir
+
+    def _write(self, result, out_dir: Path, audit_dir, request_id, apply: bool, theta, before: str,
+               after: str) -> None:
         if apply:
             export_model(self.model_with(result.params), self.trainer.tokenizer, out_dir,
                          self.trainer.t.save_precision)
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
-            theta = self.replayer.state_at(self.tau)[0]
             delta = {n: (result.params[n].float() - theta[n].float()).contiguous() for n in result.params}
             tmp = out_dir / "correction.safetensors.tmp"
             save_file(delta, str(tmp))
@@ -208,7 +263,6 @@ class UnlearnSession:
             "dataset_fingerprint": self.trainer.dataset.fingerprint, **_jsonable(result.info),
         }
         append_audit_record(Path(audit_dir) if audit_dir else out_dir / "audit", record)
-        return out_dir
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

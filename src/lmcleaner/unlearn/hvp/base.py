@@ -15,12 +15,21 @@ it took in ``last_path`` (``"vmap"`` or ``"loop"``).
 
 Backends register themselves by name (``@register_backend``), one file per
 backend in this package; ``make_hvp_backend(mode, fl, ...)`` builds one.
+
+Backends that evaluate the model implement ``_product_sum``: the
+*unnormalised* product summed over the micro-batches they are given. The base
+class gives each process its share of the step's micro-batches
+(``fl.dp.share``), all-reduces the partial sums (``fl.dp.sum``, see
+``unlearn.functional``) and divides by the normaliser once, after the
+reduction, so several ranks give one process's numbers up to float summation
+order. Backends that do not look at the batches (``diag``) override ``_hvp``.
 """
 
 from __future__ import annotations
 
 import logging
-from abc import ABC, abstractmethod
+import time
+from abc import ABC
 from collections.abc import Callable, Mapping
 from typing import Any, Union
 
@@ -48,12 +57,15 @@ class HVPBackend(ABC):
     """Curvature of the step loss times a batch of directions (see module doc)."""
 
     name: str = ""
+    fl: FunctionalLM
 
     def __init__(self) -> None:
         self.calls = 0  # batched calls
         self.vectors = 0  # directions multiplied
         self.last_path: str | None = None
         self._warned = False
+        self.seconds = 0.0  # wall time in products
+        self.row_seconds = 0.0  # sum over calls of seconds / rows of the call's batches
 
     #: measured cost of one direction in gradient evaluations (k = 1), see ``exact.py``
     cost_in_grads: float = 0.0
@@ -76,13 +88,35 @@ class HVPBackend(ABC):
         if normaliser <= 0:  # nothing supervised: the step loss is identically 0
             return {n: torch.zeros_like(v) for n, v in vectors.items()}
         # the CPU flash SDPA kernel supports neither forward-mode AD nor double backward
+        t0 = time.perf_counter()
         with sdpa_kernel([SDPBackend.MATH]):
-            return self._hvp(params, batches, normaliser, vectors, step)
+            out = self._hvp(params, batches, normaliser, vectors, step)
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        self.row_seconds += dt / max(1, sum(int(b["input_ids"].shape[0]) for b in batches))
+        return out
 
-    @abstractmethod
+    def measured_grad_equivalents(self, seconds_per_grad_row: float | None) -> float | None:
+        """All products so far in gradients *as measured in this process*: each call's
+        seconds over the seconds a gradient of the same rows took. None without a
+        gradient timing to compare with."""
+        if not seconds_per_grad_row:
+            return None
+        return self.row_seconds / seconds_per_grad_row
+
     def _hvp(
         self, params: Params, batches: list[Batch], normaliser: float, vectors: Params, step: int | None
-    ) -> Params: ...
+    ) -> Params:
+        dp = self.fl.dp
+        local = dp.share(batches)
+        total = self._product_sum(params, local, vectors) if local else None
+        if total is None:  # a rank without a micro-batch still takes part in the reduction
+            total = {n: torch.zeros_like(v) for n, v in vectors.items()}
+        return {n: t / normaliser for n, t in dp.sum(total).items()}
+
+    def _product_sum(self, params: Params, batches: list[Batch], vectors: Params) -> Params:
+        """Sum over ``batches`` (non-empty) of the unnormalised products with ``vectors``."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _product_sum nor _hvp")
 
     def _batched(self, fn: Callable[[Params], Params], vectors: Params) -> Params:
         """``vmap(fn)(vectors)``, or a loop over directions when vmap fails."""

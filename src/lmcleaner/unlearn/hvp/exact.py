@@ -64,7 +64,7 @@ class ExactHVP(HVPBackend):
     def build(cls, fl, *, diag_provider=None, exact_impl: str = "double_backward", **options):
         return cls(fl, exact_impl)
 
-    def _hvp(self, params, batches, normaliser, vectors, step):
+    def _product_sum(self, params, batches, vectors):
         total: Params | None = None
         for b in batches:
             def g(p: Params, b: Batch = b) -> Params:
@@ -78,7 +78,7 @@ class ExactHVP(HVPBackend):
             else:
                 part = self._batched(lambda v: jvp(g, (params,), (v,))[1], vectors)
             total = accumulate(total, part)
-        return {n: t / normaliser for n, t in total.items()}
+        return total
 
     def _double_backward(self, params: Params, batch: Batch, vectors: Params) -> Params:
         names = list(params)

@@ -33,7 +33,7 @@ class GGNHVP(HVPBackend):
     def build(cls, fl, *, diag_provider=None, **options):
         return cls(fl)
 
-    def _hvp(self, params, batches, normaliser, vectors, step):
+    def _product_sum(self, params, batches, vectors):
         total: Params | None = None
         for b in batches:
             def f(p: Params, b: Batch = b) -> torch.Tensor:
@@ -49,4 +49,4 @@ class GGNHVP(HVPBackend):
                 return pullback(u * mask)[0]
 
             total = accumulate(total, self._batched(one, vectors))
-        return {n: t / normaliser for n, t in total.items()}
+        return total

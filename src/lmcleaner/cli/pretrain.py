@@ -31,7 +31,7 @@ def run(args) -> int:
 
     from ..config import load_config
     from ..config.schema import PretrainConfig
-    from .pretrain import base_dir, ensure_base_model
+    from ..train.pretrain import base_dir, ensure_base_model
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
