@@ -12,6 +12,7 @@ PNG of AUC and utility against epsilon, and prints the table.
 
     python benchmarks/certify.py                       # pretrained, AdamW, epsilons 0.5..8 and inf
     python benchmarks/certify.py --optimizer sgd --json bench_out/certify_sgd.json --png bench_out/certify_sgd.png
+    python benchmarks/certify.py --propagation replay --K 20     # the windowed correction (exact windows)
 
 Variants (where the residual bound comes from, ``docs/certification.md``):
 ``formal`` (proven worst case from clipping and the recorded learning
@@ -75,6 +76,9 @@ def main() -> None:
     ap.add_argument("--method", default="LMCleanerSampleLevel")
     ap.add_argument("--K", type=int, default=0, help="propagation window (0: full)")
     ap.add_argument("--hessian-mode", default="exact")
+    ap.add_argument("--propagation", choices=["linear", "replay"], default="linear",
+                    help="LMCleaner inside the window: linear (HVPs) or replay (exact windows, unlearn/windowed.py)")
+    ap.add_argument("--carry", default="frozen", help="propagation=replay: carry past the window")
     ap.add_argument("--eps", default="0.5,1,2,4,8,inf")
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--variants", default="formal,formal_lipschitz,empirical,empirical_subspace")
@@ -108,7 +112,11 @@ def main() -> None:
         oracle = {n: p.detach().clone() for n, p in oracle_trainer.engine.trainable().items()}
         session = UnlearnSession(run_dir)
         t0 = time.perf_counter()
-        kw = {"K": args.K or session.tau, "hessian_mode": args.hessian_mode} if "LMCleaner" in args.method else {}
+        kw: dict = {}
+        if "LMCleaner" in args.method and args.propagation == "replay":
+            kw = {"propagation": "replay", "K": args.K or 20, "carry": args.carry}
+        elif "LMCleaner" in args.method:
+            kw = {"K": args.K or session.tau, "hessian_mode": args.hessian_mode}
         result = session.run(args.method, ids, **kw)
         timings["unlearn"] = time.perf_counter() - t0
         theta = session.replayer.state_at(session.tau)[0]

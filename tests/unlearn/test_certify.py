@@ -17,6 +17,7 @@ from lmcleaner.unlearn.certify import (
     CertifyConfig,
     GaussianNoise,
     NoFormalBound,
+    adam_state_bound,
     adam_update_bound,
     analytic_sigma,
     certify_config,
@@ -112,8 +113,11 @@ def test_formal_bound_closed_forms():
     assert formal_residual_bound(_spec(momentum=0.9), recs, [3], tau, 100).value > worst.value
     assert formal_residual_bound(_spec(wd=0.5), recs, [3, 9], tau, 100).value < worst.value
     adam = formal_residual_bound(_spec("adamw", clip=None), recs, [3], tau, 10_000)
-    assert adam.value == pytest.approx(sum(lr * 2 * adam_update_bound(0.9, 0.999, t + 1) * 100
+    assert adam.value == pytest.approx(sum(lr * 2 * adam_state_bound(0.9, 0.999, t + 1) * 100
                                            for t, lr in enumerate(lrs) if t >= 3))  # first step included
+    # a result that equals retraining up to a later step (the exact first window of propagation=replay)
+    windowed = formal_residual_bound(_spec(), recs, [3, 9], tau, 100, exact_until=12)
+    assert windowed.value == pytest.approx(2 * c * sum(lrs[12:]))
 
 
 def test_no_formal_bound_without_clipping_or_for_unsupported_assumptions():
@@ -127,8 +131,10 @@ def test_no_formal_bound_without_clipping_or_for_unsupported_assumptions():
 
 
 def test_adam_update_bound_holds_for_torch_adamw():
-    """|update / lr| <= C_t per coordinate for adversarial-looking gradients (sparse spikes, sign flips)."""
+    """|update / lr| <= C_t per coordinate for adversarial-looking gradients (sparse spikes, sign flips);
+    the state bound used for corrected (clamped) states is never smaller."""
     assert adam_update_bound(0.9, 0.999, 1) == 1.0
+    assert all(adam_state_bound(0.9, 0.999, t) >= adam_update_bound(0.9, 0.999, t) for t in (1, 10, 1000))
     g = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter(torch.zeros(2000))
     opt = torch.optim.AdamW([p], lr=1.0, betas=(0.9, 0.999), eps=1e-12, weight_decay=0.0)

@@ -123,3 +123,22 @@ def test_empirical_subspace_noise(session, corrected, oracle):
     with pytest.raises(UnlearnError, match="batch-level"):
         batch = session.run("LMCleanerBatchLevel", FORGET, K=4)
         certify_result(session, batch, {"epsilon": 1.0, "bound": "empirical"})
+
+
+def test_windowed_replay_and_auto(session, corrected, oracle):
+    """The windowed correction (propagation=replay) equals retraining through its first window, so its
+    formal bound starts there and is below the linear correction's; auto is certified by its choice."""
+    from lmcleaner.unlearn.certify import certify_result
+
+    windowed = session.run("LMCleanerSampleLevel", FORGET, propagation="replay", K=4, carry="frozen")
+    cert = certify_result(session, windowed, {"epsilon": 1.0, "seed": 0}).info["certification"]
+    linear = certify_result(session, corrected, {"epsilon": 1.0, "seed": 0}).info["certification"]
+    assert cert["guarantee"] == "formal"
+    assert cert["bound_details"]["exact_until"] == windowed.info["windows"][0]["end"] > min(windowed.info["steps_touched"])
+    assert _dist(windowed.params, oracle) <= cert["bound"] < linear["bound"]
+    with pytest.raises(NoFormalBound, match="carry=momentum"):
+        certify_result(session, session.run("LMCleanerSampleLevel", FORGET, propagation="replay", K=4,
+                                            carry="momentum"), {"epsilon": 1.0})
+    auto = session.run("auto", FORGET, certify={"epsilon": 1.0, "seed": 0})
+    c = auto.info["certification"]
+    assert c["guarantee"] == "formal" and (c["sigma"] == 0.0) == (auto.info["chosen"] == "replay")

@@ -13,6 +13,7 @@ The derivation and what it does and does not prove: ``docs/certification.md``.
 from .bound import (
     NoFormalBound,
     ResidualBound,
+    adam_state_bound,
     adam_update_bound,
     empirical_bound,
     formal_residual_bound,
@@ -36,7 +37,7 @@ from .step import (
 )
 
 __all__ = [
-    "CertifyConfig", "GaussianNoise", "NoFormalBound", "ResidualBound", "adam_update_bound", "analytic_sigma",
+    "CertifyConfig", "GaussianNoise", "NoFormalBound", "ResidualBound", "adam_state_bound", "adam_update_bound", "analytic_sigma",
     "certify_config", "certify_result", "classic_sigma", "curvature_basis", "empirical_bound", "formal_bound_for",
     "formal_residual_bound", "gaussian_delta", "gaussian_sigma", "hessian_basis", "measured_residual", "subspace_sigmas",
 ]

@@ -104,6 +104,16 @@ def _group_factors(spec: OptimizerSpec, rec: StepRecord) -> tuple[float, float, 
     return eta, contraction, max(g.weight_decay for g in spec.groups)
 
 
+def adam_state_bound(beta1: float, beta2: float, t: int) -> float:
+    """``C_t`` with the geometric sum at its limit ``1/(1 - b1^2/b2)``: also bounds
+    ``|m_hat/sqrt(v_hat)|`` for any state that satisfies ``m^2 <= v (1-b1)^2/((1-b2)(1-b1^2/b2))``
+    (the clamp ``methods._consistent_second_moment`` applies to corrected states), ``>= C_t``."""
+    gamma = beta1 ** 2 / beta2
+    if gamma >= 1:
+        return adam_update_bound(beta1, beta2, t)
+    return (1 - beta1) / (1 - beta1 ** t) * math.sqrt((1 - beta2 ** t) / (1 - beta2)) / math.sqrt(1 - gamma)
+
+
 def formal_residual_bound(
     spec: OptimizerSpec,
     records: Sequence[StepRecord],
@@ -116,12 +126,16 @@ def formal_residual_bound(
     damping: float = 0.0,
     assume: str = "none",
     rho: float = 1.0,
+    exact_until: int | None = None,
 ) -> ResidualBound:
     """Data-independent bound on ``||theta_hat - theta'||`` for a correction method.
 
     ``records``: the recorded steps ``t_1 .. tau - 1`` (``t_1`` = first step
     in ``steps_touched``), consecutive; ``level``: ``sample`` or ``batch``;
-    ``K``: the correction's window (``None``: full); ``damping``: its lambda.
+    ``K``: the correction's window (``None``: full); ``damping``: its lambda;
+    ``exact_until``: the result coincides with the counterfactual before this
+    step (the exact first window of ``propagation=replay``; default: after the
+    first use for SGD, the first use for AdamW, see the module docstring).
     Raises :class:`NoFormalBound` (one line) where no bound exists."""
     if assume not in ASSUMPTIONS:
         raise UnlearnError(f"certify.assume={assume!r}: use one of {ASSUMPTIONS}")
@@ -148,10 +162,12 @@ def formal_residual_bound(
     b1, b2 = spec.betas
     root_n = math.sqrt(n_params)
     g_inj = (c if level == "batch" else 2 * c) if c is not None else None
+    if exact_until is None:
+        exact_until = t1 + 1 if opt == "sgd" else t1
 
     def step_change(s: int) -> float:
         """Bound on the change of the optimizer's step direction between two runs (before eta)."""
-        return 2 * c if opt == "sgd" else 2 * adam_update_bound(b1, b2, s + 1) * root_n
+        return 2 * c if opt == "sgd" else 2 * adam_state_bound(b1, b2, s + 1) * root_n
 
     # correction columns (propagation.py): injections sharing a window end min(t + K, tau - 1) share one
     # deviation vector, propagated from its first injection to its end; each active column adds its own
@@ -164,34 +180,41 @@ def formal_residual_bound(
     def active(s: int) -> int:
         return max(1, sum(1 for end, ts in columns.items() if ts[0] <= s <= end))
 
-    # worst case: residual R, correction norm Dd, momentum residual/correction buffers Q, Qd
-    R = Dd = Q = Qd = 0.0
+    # worst case. I: the influence ||theta' - theta|| (retraining vs the recorded run); R: the residual
+    # ||theta_hat - theta'||, 0 before exact_until; ||d|| <= R + I bounds the damping term; QI, Q: the
+    # momentum-buffer counterparts
+    R = I = Q = QI = 0.0
     for rec in recs:
         s = rec.step
         eta, a, wd = _group_factors(spec, rec)
-        if s == t1 and opt == "sgd":  # the correction's first step is the counterfactual step: r stays 0
-            Qd, Dd = g_inj, eta * g_inj
-            continue
-        u = step_change(s) * active(s)
-        if opt == "sgd" and mu != 0:
-            Q = mu * Q + u + wd * R
-            Qd = mu * Qd + u + wd * Dd
-            dir_r = (u + wd * R + mu * Q) if spec.nesterov else Q
-            dir_d = (u + wd * Dd + mu * Qd) if spec.nesterov else Qd
-            R, Dd = R + eta * dir_r + eta * damping * Dd, Dd + eta * dir_d + eta * damping * Dd
+        u = step_change(s)
+        first = g_inj if (s == t1 and opt == "sgd") else u
+        if mu != 0:
+            QI = mu * QI + first + wd * I
+            I_next = I + eta * ((first + wd * I + mu * QI) if spec.nesterov else QI)
         else:
-            R, Dd = a * R + eta * u + eta * damping * Dd, (a + eta * damping) * Dd + eta * u
+            I_next = a * I + eta * first
+        if s >= exact_until:
+            um = u * active(s)
+            if mu != 0:
+                Q = mu * Q + um + wd * R
+                R = R + eta * ((um + wd * R + mu * Q) if spec.nesterov else Q) + eta * damping * (R + I)
+            else:
+                R = a * R + eta * um + eta * damping * (R + I)
+        I = I_next
     worst = R
-    details: dict[str, Any] = {"first_use": t1, "steps": tau - t1, "uses": len(touched), "clip_norm": c,
-                               "optimizer": opt, "n_params": n_params, "worst_case": worst,
+    details: dict[str, Any] = {"first_use": t1, "exact_until": exact_until, "steps": tau - t1,
+                               "uses": len(touched), "clip_norm": c, "optimizer": opt, "n_params": n_params,
+                               "worst_case": worst, "influence_bound": I,
                                "max_lr": max(max(r.lrs) for r in recs)}
     if opt == "adamw":
-        details["adam_update_bound_C"] = adam_update_bound(b1, b2, tau)
-    where = f"{spec.name}, {'clip ' + format(c, 'g') if c else 'no clipping'}, steps {t1}..{tau - 1}"
+        details["adam_update_bound_C"] = adam_state_bound(b1, b2, tau)
+    where = f"{spec.name}, {'clip ' + format(c, 'g') if c else 'no clipping'}, steps {exact_until}..{tau - 1}"
     if assume == "none":
         per = "2c" if opt == "sgd" else "2 C_t sqrt(n)"
-        return ResidualBound(worst, "formal", f"worst case over every step after the first use ({where}; "
-                             f"per-step change <= eta x {per}); no assumption on the loss", [], details=details)
+        return ResidualBound(worst, "formal", f"worst case over every step after the result last equals "
+                             f"retraining ({where}; per-step change <= eta x {per}); no assumption on the loss",
+                             [], details=details)
 
     # Lipschitz steps (plain SGD): deviation of retraining X, correction columns Y by window end
     X = 0.0

@@ -13,8 +13,10 @@ Called from one place, ``UnlearnSession.run(..., certify={...})``
 (``trainer.method_args.certify.*``), so every method gets it:
 
 - exact methods (``replay``): the residual is 0, no noise is added;
-- methods whose class sets ``certifiable = True`` (the LMCleaner corrections
-  with ``optimizer_map=exact``, rollback): the formal bound of ``bound.py``;
+- methods whose class sets ``certifiable = True`` (the LMCleaner corrections:
+  linear propagation with ``optimizer_map=exact``, windowed replay with a frozen
+  or linear carry; rollback): the formal bound of ``bound.py``; ``auto`` by the
+  method it chose;
 - any other method: no formal bound (the derivation relies on the
   correction's first step being exact and its later changes being clipped);
   ``bound=formal_or_empirical`` then measures the residual.
@@ -146,22 +148,44 @@ def _method_class(result: UnlearnResult):
 
 
 def formal_bound_for(session, result: UnlearnResult, cfg: CertifyConfig) -> ResidualBound:
-    """The data-independent bound for ``result`` (:class:`NoFormalBound` where none exists)."""
+    """The data-independent bound for ``result`` (:class:`NoFormalBound` where none exists).
+
+    Covered: the linear propagation with the exact optimizer map (Lemma 3: its first
+    step is the counterfactual step) and the windowed replay (``propagation=replay``:
+    its first window IS the counterfactual) with a ``frozen`` or ``linear`` carry; in
+    both, every later change of the residual is a difference of clipped (SGD) or
+    Adam-bounded updates. Exact methods have ``B = 0``."""
     cls = _method_class(result)
     info = result.info
     if cls is not None and getattr(cls, "exact", False):
         return ResidualBound(0.0, "formal", f"{cls.name} is exact: the result is the retrained model", [])
-    if cls is None or not getattr(cls, "certifiable", False) or info.get("optimizer_map") != "exact":
-        # the derivation needs an exact first step and clipped later changes: the linearised propagation
-        # with the optimizer's exact map (CorrectionMethod records optimizer_map); other variants are not covered
+    if cls is None or not getattr(cls, "certifiable", False):
         raise NoFormalBound(f"no formal bound for method {result.method}: it is derived for the LMCleaner "
-                            "corrections with linear propagation and optimizer_map=exact, and rollback, only")
+                            "corrections and rollback only")
     touched = sorted(info["steps_touched"])
     records = [session.log.record(s) for s in range(touched[0], result.tau)]
     n = sum(t.numel() for t in result.params.values())
+    common = {"assume": cfg.assume, "rho": cfg.rho}
+    if info.get("propagation") == "replay":
+        if info.get("carry") not in ("frozen", "linear"):
+            raise NoFormalBound(f"no formal bound for the windowed correction with carry={info.get('carry')}: it "
+                                "applies the optimizer-state deviation with a stale second moment; use carry=frozen "
+                                "or carry=linear")
+        if session.spec.name.lower() == "sgd" and session.spec.momentum:
+            raise NoFormalBound("no formal bound for the windowed correction of an SGD-momentum run: the carried "
+                                "buffer deviation is not covered; use the linear propagation")
+        if cfg.assume != "none":
+            raise NoFormalBound("certify.assume=lipschitz is derived for the linear propagation's columns")
+        return formal_residual_bound(session.spec, records, touched, result.tau, n, level="sample",
+                                     damping=float(info.get("damping") or 0.0) if info["carry"] == "linear" else 0.0,
+                                     exact_until=int(info["windows"][0]["end"]), **common)
+    if info.get("optimizer_map") != "exact":
+        # the derivation needs an exact first step and clipped later changes (CorrectionMethod records
+        # optimizer_map); the tangent map is not covered
+        raise NoFormalBound(f"no formal bound for method {result.method} with optimizer_map="
+                            f"{info.get('optimizer_map')}: it is derived for optimizer_map=exact")
     return formal_residual_bound(session.spec, records, touched, result.tau, n, level=info.get("level", "sample"),
-                                 K=info.get("K"), damping=float(info.get("damping") or 0.0), assume=cfg.assume,
-                                 rho=cfg.rho)
+                                 K=info.get("K"), damping=float(info.get("damping") or 0.0), **common)
 
 
 def measured_residual(session, result: UnlearnResult, oracle: Params | None = None) -> tuple[torch.Tensor, dict]:

@@ -246,7 +246,7 @@ class LMCleanerMethod(CorrectionMethod):
         theta, _ = session.replayer.state_at(session.tau)
         params, new_state, info = algo.compute(session, ids)
         guard = session.retain_guard(theta, params, ids)
-        info = {**info, "method": self.name, "level": "sample", "hessian_mode": None, **guard}
+        info = {**info, "method": self.name, "level": "sample", "hessian_mode": None, "damping": cfg.damping, **guard}
         return UnlearnResult(self.name, ids, session.tau, params, new_state, info)
 
     def algorithm(self, cfg: PropagationConfig):
