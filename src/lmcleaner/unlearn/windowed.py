@@ -195,6 +195,9 @@ class WindowedReplay:
                 limit = self.max_window if self.max_window is not None else tau
                 if self.tol <= 0 or e_window <= self.tol or end - t >= limit:
                     break
+                if self.max_window is not None and self._hopeless(window_log["segments"], t, end, limit):
+                    window_log["stopped"] = "the estimate would not reach tol within the budget"
+                    break
                 new_end = self._boundary(log, end + 1, tau)
                 rep.load_state(cf_theta, cf_opt)  # continue the counterfactual from theta'_end
                 end = new_end
@@ -221,6 +224,19 @@ class WindowedReplay:
         info["grad_equivalents_total"] = info["grad_equivalents"]
         info["recovery_steps"] = replayed - stats.counterfactual_steps
         return params, new_state, info
+
+    def _hopeless(self, segments: list[dict[str, Any]], start: int, end: int, limit: int) -> bool:
+        """With a budget (``max_window``): stop early when the estimates so far, falling at their
+        last observed rate per segment, would not reach ``tol`` before the budget is spent."""
+        errs = [seg["estimated_carry_error"] for seg in segments if "estimated_carry_error" in seg]
+        if len(errs) < 3:
+            return False
+        rate = errs[-1] / errs[-2] if errs[-2] > 0 else 1.0
+        if rate >= 1.0:
+            return True
+        needed = math.log(self.tol / errs[-1]) / math.log(rate)  # more segments of the same length
+        seg_len = max(1, (end - start) / len(errs))
+        return end - start + needed * seg_len > limit
 
     # ----------------------------------------------------------- carries
     def _carry(self, session, d: Params, D: OptState, a: int, b: int) -> tuple[Params, OptState, float]:

@@ -82,16 +82,21 @@ class CorrectionMethod:
         raise NotImplementedError
 
     # ------------------------------------------------------- error estimate
-    def _probe_step(self, session, touched: list[int], level: str) -> int | None:
-        """The first restore point after the first use, when reaching it costs at most the
+    def _probe_steps(self, session, touched: list[int], level: str) -> list[int]:
+        """Restore points after the first use that an exact replay from it reaches within the
         probe budget (sample level only: the exact counterfactual is a replay without the ids)."""
         from ..windowed import window_boundary
 
         if level != "sample":
-            return None
-        p = window_boundary(session.log, touched[0] + 1, session.tau)
-        cost = p - session.log.restore_point_for(touched[0]).step
-        return p if (p < session.tau and cost <= _probe_budget(session, touched[0])) else None
+            return []
+        first = touched[0]
+        restore = session.log.restore_point_for(first).step
+        budget = _probe_budget(session, first)
+        points, p = [], window_boundary(session.log, first + 1, session.tau)
+        while p < session.tau and p - restore <= budget:
+            points.append(p)
+            p = window_boundary(session.log, p + 1, session.tau)
+        return points
 
     def _truncation_steps(self, session, touched: list[int], reach: int) -> tuple[int, int] | None:
         """``(a, b)``: two steps at the end of the last window (``b`` = its end) whose deviations
@@ -102,12 +107,14 @@ class CorrectionMethod:
         interval = int(session.log.meta.get("checkpoint_interval") or 0) or reach or 1
         return max(touched[-1], b - max(1, min(reach, interval))), b
 
-    def _estimate(self, session, ids: list[int], touched: list[int], probe: int | None,
+    def _estimate(self, session, ids: list[int], touched: list[int], probes: list[int],
                   trunc: tuple[int, int] | None, corr) -> dict[str, Any]:
         """``estimated_error`` = linearisation + truncation, relative to the correction's size.
 
-        - linearisation: the correction's relative error against an exact replay of its first
-          segment (first use to the next restore point; affordable segments only);
+        - linearisation: the correction's relative error against one exact replay from the first
+          use, at each restore point it reaches within the probe budget (a quarter of replay's
+          cost); the last one, scaled by the learning rate from the first use to ``tau`` over
+          that up to the probe (linearisation error accumulates as training moves);
         - truncation: past the window the deviation is carried unchanged, so the error is what it
           would still have changed. Its rate at the window's end, ``||d_b - d_a|| / ||d_b||`` per
           unit of learning rate, times the learning rate still to come, estimates it (the same
@@ -117,16 +124,28 @@ class CorrectionMethod:
 
         out: dict[str, Any] = {"probe_steps": 0, "estimate_parts": {}}
         parts = out["estimate_parts"]
-        if probe is not None and probe in corr.probe:
-            res = session.replayer.counterfactual(ids, start=touched[0], end=probe)
-            theta_p, _ = session.replayer.state_at(probe)
-            exact = {n: res.params[n].double() - theta_p[n].double() for n in theta_p}
-            num = sum(float(((corr.probe[probe][n].double() - exact[n]) ** 2).sum()) for n in exact) ** 0.5
-            den = sum(float((exact[n] ** 2).sum()) for n in exact) ** 0.5
-            if den > 0:
-                parts["linearisation"] = num / den
-                parts["linearisation_segment"] = [touched[0], probe]
-            out["probe_steps"] = res.steps_replayed
+        probes = [p for p in probes if p in corr.probe]
+        if probes:  # one exact counterfactual replay, compared with the prediction at each restore point
+            rep, forget, t0 = session.replayer, frozenset(ids), touched[0]
+            before = rep.steps_run
+            rep.seek(t0)
+            errors = []
+            for p in probes:
+                while rep.position < p:
+                    rep.step_without(rep.position, forget)
+                cf, cf_opt = rep._params(), rep._opt_state()
+                theta_p, _ = rep.state_at(p)  # a restore point: read, not replayed
+                exact = {n: cf[n].double() - theta_p[n].double() for n in theta_p}
+                num = sum(float(((corr.probe[p][n].double() - exact[n]) ** 2).sum()) for n in exact) ** 0.5
+                den = sum(float((exact[n] ** 2).sum()) for n in exact) ** 0.5
+                errors.append((p, num / den if den > 0 else 0.0))
+                rep.load_state(cf, cf_opt)  # continue the counterfactual
+            out["probe_steps"] = rep.steps_run - before
+            last, e = errors[-1]
+            # linearisation error grows as training moves: extrapolate by the learning rate still to come
+            seen = lr_mass(session.log, t0, last)
+            parts["linearisation"] = e * lr_mass(session.log, t0, session.tau) / seen if seen > 0 else e
+            parts["linearisation_probes"] = [[p, err] for p, err in errors]
         if trunc is None:
             parts["truncation"] = 0.0
         elif trunc[1] in corr.probe:
@@ -171,14 +190,14 @@ class CorrectionMethod:
         restore = session.log.restore_point_for(start).step
         steps_iter, recovery_cost = session.iter_steps(start, end)
         diag = session.log.diag_provider() if hessian_mode == "diag" else None
-        probe = self._probe_step(session, touched, level)
+        probes = self._probe_steps(session, touched, level)
         trunc = self._truncation_steps(session, touched, self.reach(cfg))
         corr = algo.compute(session.template, steps_iter, session.spec, forget, session.tau, diag,
-                            last_injection=touched[-1], probe_steps=[p for p in (probe, *(trunc or ())) if p])
+                            last_injection=touched[-1], probe_steps=[p for p in (*probes, *(trunc or ())) if p])
         theta, opt_state = session.replayer.state_at(session.tau)
         params, new_state = apply_correction(theta, opt_state, corr)
         recovery = recovery_cost()  # steps replayed (light) or gradients (heavy) to recover past states
-        estimate = self._estimate(session, ids, touched, probe, trunc, corr)
+        estimate = self._estimate(session, ids, touched, probes, trunc, corr)
         seconds = time.perf_counter() - t0
         guard = session.retain_guard(theta, params, ids)
         audit = corr.audit.to_json()
