@@ -3,16 +3,18 @@
 Fine-tunes a model with the recorder (``--init pretrained``, default: the
 project's own pretrained base, ``lmcleaner pretrain``, cached; ``--init scratch``:
 random initialisation), forgets a few authors of the embedded QA data, computes
-the exact-retrain oracle, unlearns with LMCleaner, and for each noise variant
+the exact-retrain oracle, unlearns with LMCleaner (default: exact windows of
+``--K`` steps with a frozen carry, the approximation ``auto`` uses;
+``--propagation linear``: HVP propagation), and for each noise variant
 and epsilon adds the calibrated Gaussian noise (``unlearn/certify``) and
 evaluates the certified model and the oracle with the *same* noise draw
 (``evaluate/certification.py``): LOSS / zlib / min-k% / min-k%++ AUC on forget
 vs held-out rows, retain loss, ROUGE-L and model utility. Writes JSON and a
 PNG of AUC and utility against epsilon, and prints the table.
 
-    python benchmarks/certify.py                       # pretrained, AdamW, epsilons 0.5..8 and inf
+    python benchmarks/certify.py                       # pretrained, AdamW, windowed LMCleaner, epsilons 0.5..8, inf
     python benchmarks/certify.py --optimizer sgd --json bench_out/certify_sgd.json --png bench_out/certify_sgd.png
-    python benchmarks/certify.py --propagation replay --K 20     # the windowed correction (exact windows)
+    python benchmarks/certify.py --propagation linear  # the linear (HVP) propagation over the full window
 
 Variants (where the residual bound comes from, ``docs/certification.md``):
 ``formal`` (proven worst case from clipping and the recorded learning
@@ -76,7 +78,7 @@ def main() -> None:
     ap.add_argument("--method", default="LMCleanerSampleLevel")
     ap.add_argument("--K", type=int, default=0, help="propagation window (0: full)")
     ap.add_argument("--hessian-mode", default="exact")
-    ap.add_argument("--propagation", choices=["linear", "replay"], default="linear",
+    ap.add_argument("--propagation", choices=["linear", "replay"], default="replay",
                     help="LMCleaner inside the window: linear (HVPs) or replay (exact windows, unlearn/windowed.py)")
     ap.add_argument("--carry", default="frozen", help="propagation=replay: carry past the window")
     ap.add_argument("--eps", default="0.5,1,2,4,8,inf")

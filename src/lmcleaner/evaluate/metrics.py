@@ -59,7 +59,7 @@ def truth_ratio_forget_score(ratios: Iterable[float], eps: float = 0.0) -> float
     tr = _not_nan(ratios)
     if tr.size == 0:
         return math.nan
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):  # TR ~ 0 or inf on a destroyed model
         return float(np.mean(np.minimum(tr, 1.0 / (tr + eps))))
 
 

@@ -23,7 +23,7 @@ keys:
   trainer=METHOD          a registered method (below), or a YAML file with handler: and method_args:
   trainer.method_args.KEY the method's arguments (below), and for every method:
                           training_log_dir, apply_immediately, audit_dir, fallback_to_replay,
-                          certify.{epsilon,delta,subspace_rank,bound,assume,seed,...}: Gaussian noise
+                          certify.{{epsilon,delta,subspace_rank,bound,assume,seed,...}}: Gaussian noise
                           for an (epsilon, delta) guarantee (docs/certification.md)
 The run's own training config is read from its trajectory log; only the keys above matter here.
 
