@@ -3,8 +3,10 @@
 Trains the embedded model with the recorder, issues a deletion request for a
 few authors' samples, computes the exact-retrain oracle, runs LMCleaner
 (batch and sample level, several K and curvature modes), exact replay and the
-baselines, evaluates every model against the oracle and writes
-``<out_dir>/report.md`` with plots and ``results.json``.
+baselines, evaluates every model against the oracle, certifies the full-window
+LMCleaner result with calibrated noise at a few epsilons (membership inference
+and utility of the certified model next to the oracle with the same noise) and
+writes ``<out_dir>/report.md`` with plots and ``results.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ scale it up with overrides:
   lmcleaner demo demo.steps=600 demo.Ks=[10,50,200] demo.hessian_modes=[GGN,exact]
   lmcleaner demo demo.model=micro-llama demo.forget_authors=[3] demo.optimizer=sgd demo.learning_rate=0.05
   lmcleaner demo demo.model=my_model.yaml demo.data=path/to/qa.jsonl demo.forget_ids=[0,1,2]
+  lmcleaner demo demo.max_grad_norm=1.0 demo.certify_epsilons=[0.5,1,2,4,8]   # certification at more epsilons
+  lmcleaner demo demo.certify_epsilons=[]                                      # no certification section
   any training.* key applies to the recorded run, e.g. training.batch_size=16"""
 
 MARKER = "demo.json"
