@@ -40,7 +40,11 @@ import torch
 from lmcleaner.config import load_config
 from lmcleaner.evaluate import EvalData, format_table
 from lmcleaner.evaluate.certification import certification_sweep
-from lmcleaner.evaluate.report import CERTIFICATION_COLUMNS, certification_table, plot_certification
+from lmcleaner.evaluate.report import (
+    CERTIFICATION_COLUMNS,
+    certification_table,
+    plot_certification,
+)
 from lmcleaner.train import Trainer
 from lmcleaner.unlearn.cli_retrain import retrain_config
 from lmcleaner.unlearn.session import UnlearnSession
