@@ -107,33 +107,10 @@ def grid_for(args, tau: int) -> list[tuple[str, dict]]:
 
 
 def plot(out: dict, path: Path) -> None:
-    import matplotlib
+    from lmcleaner.evaluate.report import plot_error_vs_cost
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = out["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "rel_param_error", "relative parameter error"),
-                           (axes[1], "kl_forget_ratio", "KL to oracle on forget set / untouched")):
-        for r in rows:
-            if r["method"] in ("none", "replay") or r.get(key) is None:
-                continue
-            x = max(r["cost_vs_replay"] or 1e-3, 1e-3)
-            ax.scatter(x, r[key], s=22)
-            ax.annotate(r["name"], (x, r[key]), fontsize=6, xytext=(3, 2), textcoords="offset points")
-        ax.axhline(1.0, color="grey", ls="--", lw=1, label="do nothing")
-        ax.axvline(1.0, color="black", ls=":", lw=1, label="exact replay (error 0)")
-        ax.set_xscale("log")
-        ax.set_yscale("symlog", linthresh=0.05)
-        ax.set_xlabel("cost / exact replay (gradient-equivalents, log)")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"regime={out['regime']} init={out['init']} optimizer={out['optimizer']} clip={out['clip']} "
-                 f"seed={out['seed']} steps={out['steps']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_error_vs_cost(out["rows"], path, title=f"regime={out['regime']} init={out['init']} "
+                       f"optimizer={out['optimizer']} clip={out['clip']} seed={out['seed']} steps={out['steps']}")
 
 
 def main() -> None:

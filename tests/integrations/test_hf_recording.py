@@ -194,3 +194,18 @@ def test_record_dir_holding_a_run_is_refused(tmp_path, tok):
     trainer = hf_trainer(tok, tmp_path / "hf", tmp_path / "rec", max_steps=1)
     with pytest.raises(RecordingError, match="already holds"):
         trainer.train()
+
+
+def test_a_record_dir_being_written_is_refused(tmp_path, tok):
+    """One writer per run, as for `lmcleaner train`: recording into a record_dir whose run lock is
+    held (another recording or training writing it) is refused in one line, writing nothing."""
+    from lmcleaner.train.runlock import RunLock, RunLockError
+
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    trainer = hf_trainer(tok, tmp_path / "hf", rec, max_steps=1)
+    with RunLock(rec):  # flock is per open file: a second open in this process is a second writer
+        with pytest.raises(RunLockError, match="being written by .*choose another record_dir") as err:
+            trainer.train()
+    assert "\n" not in str(err.value)
+    assert list(rec.iterdir()) == []

@@ -7,6 +7,7 @@ deletion request.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from lmcleaner.train import Trainer
+from lmcleaner.train.checkpoint import CheckpointError, file_sha256, load_params, verify_checkpoint
+from lmcleaner.trajectory import TrajectoryLog
 from lmcleaner.unlearn.session import UnlearnSession
 
 from ..conftest import tiny_config, torchrun
@@ -44,6 +47,11 @@ def assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
     assert not bad, bad[:3]
 
 
+def load_params_verified(path: Path, expected: dict[str, str]) -> dict[str, torch.Tensor]:
+    verify_checkpoint(path, expected)  # what replay and unlearning do before reading a checkpoint
+    return load_params(path)
+
+
 def rel_error(x, oracle, original) -> float:
     def dist(a, b):
         return sum(float(((a[n] - b[n]).double() ** 2).sum()) for n in a) ** 0.5
@@ -64,6 +72,21 @@ def test_fsdp_trains_sharded_and_resumes_bit_exact(root):
     assert all(n.endswith((".safetensors", ".json")) for n in names) and "model.safetensors" not in names
     part = load_file(str(ck / "model-rank00001-of-00002.safetensors"))
     assert part["lm_head.weight"].shape[0] == 1024 // 2  # a real shard
+    # integrity: one checksums.json covers every rank's parts (each rank hashed its own), as the log recorded
+    sums = json.loads((ck / "checksums.json").read_text())["files"]
+    assert set(sums) == names - {"checksums.json"}
+    assert all(sums[n] == file_sha256(ck / n) for n in sums)
+    recorded = {p.step: p.files for p in TrajectoryLog(root / "a" / "training_log").all_restore_points}
+    assert recorded[RESUME_AT] == sums
+    leftovers = [p for p in root.rglob("*") if ".tmp-" in p.name or p.name.startswith(".sha256-rank")]
+    assert not leftovers, leftovers
+    flipped = root / "flipped"  # a bit flipped in rank 1's part is refused, naming the part
+    shutil.copytree(ck, flipped)
+    data = bytearray((flipped / "model-rank00001-of-00002.safetensors").read_bytes())
+    data[-1] ^= 1
+    (flipped / "model-rank00001-of-00002.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model-rank00001-of-00002.safetensors: sha256"):
+        load_params_verified(flipped, recorded[RESUME_AT])
     # the resumed run is the uninterrupted one, bit for bit
     assert result["losses"]["b"] == result["losses"]["a"]
     final = weights(root / "a" / "final_model")  # gathered to rank 0 for export

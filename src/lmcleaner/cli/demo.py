@@ -3,7 +3,7 @@
 Trains the embedded model with the recorder, issues a deletion request for a
 few authors' samples, computes the exact-retrain oracle, runs LMCleaner
 (batch and sample level, several K and curvature modes), exact replay and the
-baselines, evaluates every model against the oracle, certifies the full-window
+baselines, evaluates every model against the oracle, certifies the windowed
 LMCleaner result with calibrated noise at a few epsilons (membership inference
 and utility of the certified model next to the oracle with the same noise) and
 writes ``<out_dir>/report.md`` with plots and ``results.json``.
@@ -61,6 +61,11 @@ def _training_config(cfg, run_dir: Path):
     if not preset.is_file():
         raise ConfigError(f"demo.model '{d.model}' is neither a model preset nor a YAML file")
     cfg.model = OmegaConf.merge(cfg.model, OmegaConf.load(preset))
+    if d.init not in ("pretrained", "scratch"):
+        raise ConfigError(f"demo.init={d.init!r}: choose pretrained (fine-tune the project's base) or scratch")
+    if d.init == "pretrained" and cfg.model.name_or_path == "tiny-llama":
+        # the project's own pretrained base of this preset (built once, cached: `lmcleaner pretrain`)
+        cfg.model.name_or_path, cfg.model.tokenizer = f"base:{d.model}", "embedded"
     t = cfg.training
     t.max_steps, t.optimizer, t.learning_rate, t.max_grad_norm = d.steps, d.optimizer, d.learning_rate, d.max_grad_norm
     t.dataset_name, t.output_dir, t.resume_from_checkpoint = d.data, str(run_dir), None
@@ -85,7 +90,7 @@ def _forget_ids(cfg, rows: list[dict]) -> list[int]:
 def run_demo(cfg) -> dict[str, Any]:
     from ..evaluate import EvalData, evaluate_models, format_table, write_report
     from ..evaluate.certification import certification_sweep
-    from ..evaluate.compare import compare_methods, default_grid, merge_eval, row_name
+    from ..evaluate.compare import compare_methods, default_grid, merge_eval, row_name_of, windowed_grid
     from ..evaluate.report import certification_markdown, plot_certification
     from ..train import Trainer
     from ..train.export import export_model
@@ -109,18 +114,20 @@ def run_demo(cfg) -> dict[str, Any]:
     # two threads spin against each other (measured >10x slower sweeps).
     torch.set_num_threads(max(1, int(d.threads)))
     out = Path(d.out_dir)
+    run_dir, models_dir = out / "run", out / "models"
+    train_cfg = _training_config(cfg, run_dir)  # bad input fails here, before anything is written
     if out.exists():
         if not (out / MARKER).is_file():
-            raise FileExistsError(f"{out} exists and is not a demo output: choose another demo.out_dir")
-        shutil.rmtree(out)
+            raise FileExistsError(f"demo.out_dir={out} exists and is not a demo output: choose another demo.out_dir")
+        shutil.rmtree(out)  # an earlier demo's own output (it carries the marker), never anything else
     out.mkdir(parents=True)
     (out / MARKER).write_text(json.dumps({"status": "running"}))
-    run_dir, models_dir = out / "run", out / "models"
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
     phase(1, f"training {d.steps} steps with the trajectory recorder")
-    trainer = Trainer(_training_config(cfg, run_dir))
+    model_name = str(train_cfg.model.name_or_path)
+    trainer = Trainer(train_cfg)
     state = trainer.train()
     timings["train"] = time.perf_counter() - t0
     session = UnlearnSession(run_dir)
@@ -143,14 +150,14 @@ def run_demo(cfg) -> dict[str, Any]:
     retain_ids = [i for i in range(len(dataset)) if i not in set(ids)][: d.eval_max_retain]
     model_dirs = {"original": run_dir / "final_model", "oracle": out / "retrain" / "final_model"}
 
-    unlearned = {}  # row name -> UnlearnResult (the certification section uses the full-window one)
+    unlearned = {}  # row name -> UnlearnResult (the certification section uses one of them)
 
     def export(name, res):
         unlearned[name] = res
         model_dirs[name] = export_model(session.model_with(res.params), trainer.tokenizer, models_dir / name)
 
     t0 = time.perf_counter()
-    grid = default_grid(session.tau, d.Ks, d.hessian_modes)
+    grid = default_grid(session.tau, d.Ks, d.hessian_modes) + windowed_grid(d.Ks) + [("auto", {})]
     phase(3, f"unlearning with {len(grid)} method settings, each measured against the oracle")
     rows = compare_methods(session, ids, grid, oracle, [dataset[i] for i in ids], [dataset[i] for i in retain_ids],
                            on_result=export, progress=cfg.training.progress_bar, include_original=True)
@@ -167,21 +174,28 @@ def run_demo(cfg) -> dict[str, Any]:
         timings["eval"] = time.perf_counter() - t0
         merge_eval(rows, summary)
     sections, certification = [], None
-    full_name = row_name("LMCleanerSampleLevel", {"hessian_mode": d.hessian_modes[0], "K": session.tau})
-    if data is not None and d.certify_epsilons and full_name in unlearned:
+    # certify the windowed correction (exact windows: the approximation auto uses), else the full-window one
+    candidates = [row_name_of("LMCleanerSampleLevel", {"propagation": "replay", "K": int(k), "carry": "frozen"})
+                  for k in d.Ks[:1]]
+    candidates.append(row_name_of("LMCleanerSampleLevel", {"hessian_mode": d.hessian_modes[0], "K": session.tau}))
+    chosen = next((name for name in candidates if name in unlearned), None)
+    if data is not None and d.certify_epsilons and chosen is not None:
         t0 = time.perf_counter()
-        phase(5, f"certified removal of {full_name}: calibrated noise at epsilon {list(d.certify_epsilons)}, "
+        phase(5, f"certified removal of {chosen}: calibrated noise at epsilon {list(d.certify_epsilons)}, "
                  "certified vs oracle + the same noise")
-        certification = certification_sweep(session, unlearned[full_name], oracle, data,
+        certification = certification_sweep(session, unlearned[chosen], oracle, data,
                                             [*d.certify_epsilons, math.inf], list(d.certify_variants),
                                             max_new_tokens=d.eval_max_new_tokens, rank=8,
                                             progress=cfg.training.progress_bar)
-        certification["unlearned"] = full_name
+        certification["unlearned"] = chosen
         timings["certify"] = time.perf_counter() - t0
         png = plot_certification(certification, out / "certification.png")
         sections.append(certification_markdown(certification, png.name if png else None))
     skipped = sorted(set(wanted) - set(ids))
-    notes = (f"Forgot {len(ids)} samples (ids {ids[:8]}{'...' if len(ids) > 8 else ''}) used in "
+    init = ("fine-tuned from the project's pretrained base" if model_name.startswith("base:")
+            else "trained from random initialisation")
+    notes = (f"Run: {state.step} steps, {init}, {d.optimizer} lr {d.learning_rate}. "
+             f"Forgot {len(ids)} samples (ids {ids[:8]}{'...' if len(ids) > 8 else ''}) used in "
              f"{len(session.steps_for(ids))} of {session.tau} steps"
              + (f" ({len(skipped)} requested samples were never used and need no unlearning)" if skipped else "")
              + ". rel_param_error = ||theta_hat - theta_retrain|| / "

@@ -17,9 +17,9 @@ OVERRIDES_HELP = """\
 overrides (Hydra grammar, applied after --config):
   key=value            set a value, e.g. training.max_steps=200 training.optimizer=sgd
   model=NAME|FILE      model preset from the package (tiny-llama, micro-llama) or a YAML file
-  trainer=NAME|FILE    unlearning method (LMCleanerBatch, LMCleanerSample, replay, rollback,
-                       sgd_formula, GradAscent, GradDiff, NPO, SimNPO; `lmcleaner unlearn --help`
-                       lists their arguments) or a YAML file
+  trainer=NAME|FILE    unlearning method (auto, the default; LMCleanerBatch, LMCleanerSample, replay,
+                       rollback, sgd_formula, GradAscent, GradDiff, NPO, SimNPO; `lmcleaner unlearn
+                       --help` lists their arguments) or a YAML file
 common keys:
   model.name_or_path   "tiny-llama" (embedded, offline) or a HF id / local dir
   training.dataset_name  "embedded" or a json/jsonl/csv/parquet path or a hub dataset
@@ -41,6 +41,13 @@ PLUGINS = {
     "demo": "lmcleaner.cli.demo",
     "pretrain": "lmcleaner.cli.pretrain",
 }
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors are one line too (the full usage is in ``--help``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _config_parser(sub, name: str, help_text: str, description: str):
@@ -84,15 +91,23 @@ def cmd_lr_find(args) -> int:
     if args.print_config:
         return _print_config(cfg)
     from ..train.lr_finder import find_lr
+    from ..train.outputs import OutputError, probe_writable
 
+    if not 0 < args.start_lr < args.end_lr:
+        raise ValueError(f"need 0 < --start-lr < --end-lr, got {args.start_lr} and {args.end_lr}")
+    if args.num_steps < 2:
+        raise ValueError(f"--num-steps {args.num_steps}: the sweep needs at least 2 steps")
     plot = args.plot or os.path.join(cfg.training.output_dir, "lr_find.png")
+    if os.path.isdir(plot):  # fail now, not after the sweep
+        raise OutputError(f"--plot {plot} is a directory: give a PNG file path")
+    probe_writable(plot, "--plot")
     result = find_lr(cfg, start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.num_steps, plot_path=plot)
     print(json.dumps({k: v for k, v in result.items() if k not in ("lrs", "losses", "smoothed")}))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="lmcleaner",
         description="Fine-tune Hugging Face causal LMs while recording the training trajectory, then unlearn "
                     "chosen samples (during or after training) with an audit record and a measured distance "
@@ -128,12 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Every one-line user-facing error in lmcleaner is a ValueError subclass (config, data,
-    checkpoint, log, forget set, unlearning request), or the trainer's TrainingError, which
-    can only be raised once the trainer module is loaded (not imported here: --help stays fast)."""
-    if os.environ.get("LMCLEANER_DEBUG"):
-        return ()
+    checkpoint, log, forget set, output over the source, a held run lock, unlearning request),
+    or the trainer's TrainingError, which can only be raised once the trainer module is loaded
+    (not imported here: --help stays fast). Operating-system errors are described separately."""
     trainer = sys.modules.get("lmcleaner.train.trainer")
-    return (ValueError, FileNotFoundError, FileExistsError) + ((trainer.TrainingError,) if trainer else ())
+    return (ValueError,) + ((trainer.TrainingError,) if trainer else ())
 
 
 def _quiet_library_bars() -> None:
@@ -156,18 +170,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not getattr(args, "print_config", False):
         _quiet_library_bars()
-    # LMCLEANER_DEBUG=1 shows the traceback instead of the one-line error.
+    # Every failure is one line on stderr. Bad input (config, data, checkpoint, log,
+    # forget set, output over the source, a run lock held by another writer: all
+    # ValueError subclasses) and operating-system errors (disk full, read-only
+    # output) exit 2; anything else is a bug, reported in one line with exit 1.
+    # LMCLEANER_DEBUG=1 shows the traceback instead.
+    if os.environ.get("LMCLEANER_DEBUG"):
+        return int(args.func(args) or 0)
     try:
         return int(args.func(args) or 0)
-    except Exception as err:
-        if not isinstance(err, _user_errors()):
-            raise
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        print(f"lmcleaner {args.command}: error: {first}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"lmcleaner {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - a bug is still one line, with how to see the traceback
+        from ..train.outputs import as_os_error, describe_os_error
+
+        if isinstance(err, _user_errors()):
+            print(f"lmcleaner {args.command}: error: {_first_line(err)}", file=sys.stderr)
+            return 2
+        os_err = err if isinstance(err, OSError) else as_os_error(err, "?")
+        if os_err is not None:  # also e.g. safetensors' "No space left on device (os error 28)"
+            print(f"lmcleaner {args.command}: error: {describe_os_error(os_err)}", file=sys.stderr)
+            return 2
+        print(f"lmcleaner {args.command}: internal error: {type(err).__name__}: {_first_line(err)} (rerun with "
+              "LMCLEANER_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 if __name__ == "__main__":

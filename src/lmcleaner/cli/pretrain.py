@@ -31,13 +31,14 @@ def run(args) -> int:
 
     from ..config import load_config
     from ..config.schema import PretrainConfig
-    from ..train.pretrain import base_dir, ensure_base_model
+    from ..train.pretrain import base_dir, check_settings, ensure_base_model
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(OmegaConf.to_yaml(cfg.pretrain))
         return 0
     pcfg = PretrainConfig(**OmegaConf.to_container(cfg.pretrain))
+    check_settings(pcfg)
     existed = (base_dir(pcfg) / "config.json").is_file()
     path = ensure_base_model(pcfg)
     info = json.loads((path / "lmcleaner_base.json").read_text())

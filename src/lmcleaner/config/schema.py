@@ -189,7 +189,8 @@ class UnlearnConfig:
 
     forget: Any = None  # list of ids, "17,203", a file of ids, or a dataset file matched to training rows
     model_dir: Optional[str] = None  # trained run dir (default: training.output_dir)
-    output_dir: Optional[str] = None  # default: <run>/unlearned-<method>
+    output_dir: Optional[str] = None  # default: a fresh <run>/unlearned-<method>[-N] (retrain: <run>/retrain[-N])
+    overwrite: bool = False  # replace an existing output_dir (its audit records are kept); never the source run
     max_error: Optional[float] = None  # trainer=auto: accepted estimated relative error (default: the method's 0.1)
 
 
@@ -202,8 +203,11 @@ class DemoConfig:
     data: str = "embedded"  # "embedded" or a QA json/jsonl path (question/answer rows)
     forget_authors: list[int] = field(default_factory=lambda: [0])  # embedded data: authors to forget
     forget_ids: list[int] = field(default_factory=list)  # explicit sample ids (overrides forget_authors)
+    # pretrained: fine-tune the project's own pretrained base (`lmcleaner pretrain`, built once and cached),
+    # the regime of real users; scratch: train the preset from random initialisation
+    init: str = "pretrained"
     optimizer: str = "adamw"
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4  # a fine-tuning rate (scratch runs were measured at 1e-3)
     max_grad_norm: float = 0.0  # clipping is modelled too; >0 makes the regime more nonlinear (larger errors)
     Ks: list[int] = field(default_factory=lambda: [20])  # truncation windows besides the full window
     hessian_modes: list[str] = field(default_factory=lambda: ["exact", "GGN"])

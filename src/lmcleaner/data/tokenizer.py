@@ -66,15 +66,21 @@ def load_error(what: str, key: str, name: str, err: BaseException) -> ModelLoadE
     return ModelLoadError(f"cannot load the {what} {key}={name!r}: {first}; {hint}")
 
 
-def load_tokenizer(name_or_path: str | None, model_name: str = "tiny-llama") -> PreTrainedTokenizerFast:
-    """``embedded`` / ``None`` with the tiny model: the shipped tokenizer; else ``AutoTokenizer``."""
+def load_tokenizer(name_or_path: str | None, model_name: str = "tiny-llama",
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
+    """``embedded`` / ``None`` with the tiny model: the shipped tokenizer; else ``AutoTokenizer``
+    (a tokenizer that ships Python code is refused unless ``trust_remote_code``)."""
     name = name_or_path or model_name
     if name in ("embedded", "tiny-llama") or name.startswith("base:"):  # base:<preset> is pretrained with it
         return embedded_tokenizer()
+    from ..config.received import guard_remote_code
+
+    key = "model.tokenizer" if name_or_path else "model.name_or_path"
+    trust = guard_remote_code(name, trust_remote_code, key=key)
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
     except Exception as err:  # noqa: BLE001 - OSError, ValueError, hub errors: one line naming the key
-        raise load_error("tokenizer", "model.tokenizer" if name_or_path else "model.name_or_path", name, err) from None
+        raise load_error("tokenizer", key, name, err) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -81,7 +81,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rows", type=int, default=None, metavar="N",
                    help="cap every split to N rows (deterministic subsample) for a quick run")
     p.add_argument("--out", default="lmcleaner_out/eval", metavar="DIR",
-                   help="output directory for eval.json and summary.json (default lmcleaner_out/eval)")
+                   help="output directory for eval.json and summary.json (default lmcleaner_out/eval); never a "
+                        "model directory or inside one")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace eval.json/summary.json already in --out (refused otherwise)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let models that ship Python code (auto_map in config.json) run it; off by default")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer directory (default: the oracle's or first model's; embedded if it has none)")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
@@ -135,6 +140,19 @@ def build_data(args: argparse.Namespace):
     return EvalData.from_paths(**parts, max_rows=args.max_rows, text_field=text_field)
 
 
+def check_out(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` over a model (the sources) or over earlier results, and fail now
+    (before any evaluation) when it cannot be written."""
+    from ..train.outputs import OutputError, check_output, probe_writable
+
+    sources = [path for _, path in args.models] + ([args.tokenizer] if args.tokenizer else [])
+    out = check_output(args.out, sources, overwrite=True, key="--out")
+    if not args.overwrite and any((out / f).exists() for f in ("eval.json", "summary.json")):
+        raise OutputError(f"--out {args.out} already holds eval.json/summary.json: choose a new directory "
+                          "or pass --overwrite")
+    probe_writable(out, "--out")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``lmcleaner eval``; returns the exit code."""
     from .data import EvalDataError
@@ -149,20 +167,31 @@ def run(args: argparse.Namespace) -> int:
         for role in ("oracle", "original"):
             if getattr(args, role) is not None and getattr(args, role) not in names:
                 raise ValueError(f"--{role} '{getattr(args, role)}' is not a --model name (have {names})")
+        check_out(args)
+        if args.trust_remote_code:
+            print("lmcleaner eval: warning: --trust-remote-code: Python files shipped with the models will be "
+                  "imported and run with your permissions", file=sys.stderr)
         data = build_data(args)
         tokenizer = None
         if args.tokenizer:
             from .runner import load_eval_tokenizer
 
-            tokenizer = load_eval_tokenizer(args.tokenizer)
+            tokenizer = load_eval_tokenizer(args.tokenizer, args.trust_remote_code)
         _, summary = evaluate_models(
             dict(args.models), data, oracle=args.oracle, original=args.original, tokenizer=tokenizer,
             out_dir=args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             max_length=args.max_length, min_k=args.min_k, dtype=args.dtype, device=args.device,
-            progress=not args.no_progress, convention=args.convention,
+            progress=not args.no_progress, trust_remote_code=args.trust_remote_code,
+            convention=args.convention,
         )
-    except (ModelLoadError, EvalDataError, ValueError, OSError) as err:
-        print(f"lmcleaner eval: error: {err}", file=sys.stderr)
+    except OSError as err:
+        from ..train.outputs import describe_os_error
+
+        print(f"lmcleaner eval: error: {describe_os_error(err)}", file=sys.stderr)
+        return 2
+    except (ModelLoadError, EvalDataError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"lmcleaner eval: error: {first}", file=sys.stderr)
         return 2
     rows = [{"model": name, **res} for name, res in summary["models"].items()]
     print(format_table(rows, TABLE_COLUMNS))

@@ -44,6 +44,16 @@ def default_grid(tau: int, Ks: Sequence[int], hessian_modes: Sequence[str], leve
     return grid
 
 
+def windowed_grid(Ks: Sequence[int], tols: Sequence[float] = (0.1,)) -> list[tuple[str, dict[str, Any]]]:
+    """LMCleaner with exact windows (``propagation=replay``): fixed windows of each ``K`` and
+    adaptive windows that stop when their estimated error is within each ``tol``."""
+    grid = [("LMCleanerSampleLevel", {"propagation": "replay", "K": int(K), "carry": "frozen"}) for K in Ks]
+    first = int(Ks[0]) if Ks else 20
+    grid += [("LMCleanerSampleLevel", {"propagation": "replay", "K": first, "carry": "frozen", "tol": float(t)})
+             for t in tols]
+    return grid
+
+
 def row_name(method: str, kw: dict[str, Any]) -> str:
     short = {"LMCleanerSampleLevel": "LMC-sample", "LMCleanerBatchLevel": "LMC-batch"}.get(method, method)
     parts = [short] + [str(kw[k]) if k == "hessian_mode" else f"K{kw[k]}" for k in ("hessian_mode", "K") if k in kw]
@@ -141,7 +151,7 @@ def compare_methods(session, ids: list[int], grid: Grid, oracle: dict[str, torch
             replay_cost, replay_seconds = cost, res.info["seconds"]
         rows.append({
             "name": name, "method": method, "hessian_mode": kw.get("hessian_mode"), "K": kw.get("K"),
-            "args": dict(kw), "chosen": res.info.get("chosen"),
+            "chosen": res.info.get("chosen"),
             "rel_param_error": relative_error(res.params, theta, oracle), **fn_space(model),
             "seconds": res.info.get("seconds"), "grad_equivalents": cost,
             "recovery_steps": res.info.get("recovery_steps"), "steps_touched": len(res.info.get("steps_touched", [])),

@@ -145,47 +145,69 @@ def plot_error_vs_k(rows: Sequence[Mapping[str, Any]], path: str | Path,
 
 
 def _cost_key(rows: Sequence[Mapping[str, Any]]) -> str | None:
-    for key in ("grad_equivalents", "seconds"):
+    for key in ("cost_vs_replay", "grad_equivalents", "seconds"):
         if any(_finite(r.get(key)) and float(r[key]) > 0 for r in rows):
             return key
     return None
 
 
+_COST_LABEL = {"cost_vs_replay": "cost / exact replay (gradient-equivalents, log)",
+               "grad_equivalents": "cost (gradient-equivalents, log)", "seconds": "cost (seconds, log)"}
+_ERROR_LABEL = {"rel_param_error": "relative parameter error to oracle",
+                "kl_forget_ratio": "KL to oracle on forget set / untouched model's"}
+
+
 def plot_error_vs_cost(rows: Sequence[Mapping[str, Any]], path: str | Path,
-                       metric: str = "rel_param_error") -> Path | None:
-    """Scatter of ``metric`` against cost (gradient-equivalents, else seconds), log x,
-    one colour per method, each point labelled with its K / curvature backend."""
+                       metrics: Sequence[str] = ("rel_param_error", "kl_forget_ratio"),
+                       title: str | None = None) -> Path | None:
+    """Error against cost, log x, one panel per error metric present (parameter space and,
+    when measured, function space), one colour per method, points labelled with K /
+    curvature / window. "Do nothing" (error 1) and exact replay (cost 1, error 0) are marked:
+    a useful approximation sits left of the replay line and well below the do-nothing line."""
     cost = _cost_key(rows)
     if cost is None:
         return None
-    pts = [r for r in rows if _finite(r.get(metric)) and _finite(r.get(cost)) and float(r[cost]) > 0]
-    if not pts:
+    panels = [m for m in metrics if any(_finite(r.get(m)) and _finite(r.get(cost)) and float(r[cost]) > 0
+                                        and r.get("method") not in ("replay", "none") for r in rows)]
+    if not panels:
         return None
-    fig, ax = _new_figure()
-    methods = list(dict.fromkeys(str(r.get("method") or "?") for r in pts))
-    for i, method in enumerate(methods):
-        mine = [r for r in pts if str(r.get("method") or "?") == method]
-        ax.scatter([float(r[cost]) for r in mine], [float(r[metric]) for r in mine], s=36, color=f"C{i}",
-                   label=method, zorder=3)
-        for r in mine:
-            tag = ", ".join(x for x in (f"K={r['K']}" if r.get("K") is not None else "",
-                                        str(r["hessian_mode"]) if r.get("hessian_mode") else "") if x)
-            if tag:
-                ax.annotate(tag, (float(r[cost]), float(r[metric])), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7)
-    ax.set_xscale("log")
+    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    if _use_log([float(r[metric]) for r in pts]):
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
+    replay = next((r for r in rows if r.get("method") == "replay" and _finite(r.get(cost))), None)
+    for ax, metric in zip(axes[0], panels):
+        pts = [r for r in rows if _finite(r.get(metric)) and _finite(r.get(cost)) and float(r[cost]) > 0
+               and r.get("method") not in ("replay", "none")]
+        methods = list(dict.fromkeys(str(r.get("method") or "?") for r in pts))
+        for i, method in enumerate(methods):
+            mine = [r for r in pts if str(r.get("method") or "?") == method]
+            ax.scatter([float(r[cost]) for r in mine], [max(float(r[metric]), 1e-4) for r in mine], s=36,
+                       color=f"C{i}", label=method, zorder=3, marker="*" if method == "auto" else "o")
+            for r in mine:
+                tag = str(r.get("name") or "")
+                tag = tag.replace("LMC-sample-", "").replace("LMC-window-", "win-") if tag else ""
+                if float(r[metric]) <= 0:
+                    tag = f"{tag or method} (exact: 0, drawn at 1e-4)"
+                if tag and tag != method:
+                    ax.annotate(tag, (float(r[cost]), max(float(r[metric]), 1e-4)), textcoords="offset points",
+                                xytext=(4, 3), fontsize=6)
+        ax.axhline(1.0, color="grey", ls="--", lw=1, label="do nothing (error 1)")
+        if cost == "cost_vs_replay":
+            ax.axvline(1.0, color="black", ls=":", lw=1, label="exact replay (error 0)")
+        elif replay is not None:
+            ax.axvline(float(replay[cost]), color="black", ls=":", lw=1, label="exact replay (error 0)")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_yscale("log")
-    ax.set_title(f"{_metric_title(metric)} vs cost")
-    ax.set_xlabel("cost (gradient equivalents, log)" if cost == "grad_equivalents" else "cost (seconds, log)")
-    ax.set_ylabel("relative parameter error to oracle" if metric == "rel_param_error" else metric)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+        ax.set_xlabel(_COST_LABEL[cost])
+        ax.set_ylabel(_ERROR_LABEL.get(metric, metric))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="x-small")
+    fig.suptitle(title or "error vs cost", fontsize=10)
+    fig.tight_layout()
     return _save(fig, Path(path))
 
 

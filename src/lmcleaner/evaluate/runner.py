@@ -92,9 +92,13 @@ class EvalSettings:
 
 # --------------------------------------------------------------------------- loading
 def load_model(path: str | os.PathLike, name: str | None = None, dtype: str = "float32",
-               device: str | torch.device | None = None) -> torch.nn.Module:
-    """``AutoModelForCausalLM.from_pretrained(path)`` in eval mode; one-line error naming the model."""
+               device: str | torch.device | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path)`` in eval mode; one-line error naming the model.
+
+    A directory that ships Python code (``auto_map``) is refused unless ``trust_remote_code``."""
     from transformers import AutoModelForCausalLM
+
+    from ..config.received import guard_remote_code
 
     label = f"model '{name}'" if name else "model"
     p = Path(path)
@@ -102,7 +106,7 @@ def load_model(path: str | os.PathLike, name: str | None = None, dtype: str = "f
         raise ModelLoadError(f"{label}: directory not found: {p}")
     if not (p / "config.json").is_file():
         raise ModelLoadError(f"{label}: {p} has no config.json (not a Hugging Face model directory)")
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"trust_remote_code": guard_remote_code(p, trust_remote_code, key=f"--model {name or p}")}
     if dtype and dtype != "auto":
         if dtype not in _DTYPES:
             raise ModelLoadError(f"unknown dtype '{dtype}': choose one of {list(_DTYPES) + ['auto']}")
@@ -119,15 +123,18 @@ def load_model(path: str | os.PathLike, name: str | None = None, dtype: str = "f
     return model.to(device).eval()
 
 
-def load_eval_tokenizer(path: str | os.PathLike | None):
+def load_eval_tokenizer(path: str | os.PathLike | None, trust_remote_code: bool = False):
     """The tokenizer saved in a model directory, or the embedded one when the
     directory has none (models trained on the embedded data)."""
     if path is None or not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
         return embedded_tokenizer()
     from transformers import AutoTokenizer
 
+    from ..config.received import guard_remote_code
+
+    trust = guard_remote_code(path, trust_remote_code, key=f"tokenizer {path}")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
     except Exception as err:  # noqa: BLE001
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ModelLoadError(f"cannot load the tokenizer in {path}: {first}") from None
@@ -374,6 +381,7 @@ def evaluate_models(models: Mapping[str, Any], data: EvalData, oracle: str | Non
                     original: str | None = None, tokenizer=None, out_dir: str | os.PathLike | None = None,
                     max_new_tokens: int = 200, batch_size: int = 8, max_length: int = 512, min_k: float = 0.4,
                     dtype: str = "float32", device: str | None = None, progress: bool = True,
+                    trust_remote_code: bool = False,
                     convention: str = "lmcleaner") -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluate ``models`` (name -> model directory or ``nn.Module``) on ``data``.
 
@@ -396,7 +404,7 @@ def evaluate_models(models: Mapping[str, Any], data: EvalData, oracle: str | Non
     if tokenizer is None:
         candidates = ([oracle] if oracle else []) + list(models)
         paths = [models[n] for n in candidates if not isinstance(models[n], torch.nn.Module)]
-        tokenizer = load_eval_tokenizer(paths[0] if paths else None)
+        tokenizer = load_eval_tokenizer(paths[0] if paths else None, trust_remote_code)
 
     order = [n for n in (oracle, original) if n is not None]
     order += [n for n in models if n not in order]
@@ -411,7 +419,7 @@ def evaluate_models(models: Mapping[str, Any], data: EvalData, oracle: str | Non
         value = models[name]
         if isinstance(value, torch.nn.Module):
             return value.eval()
-        return load_model(value, name, dtype, device)
+        return load_model(value, name, dtype, device, trust_remote_code)
 
     try:
         for name in order:

@@ -219,6 +219,7 @@ class _Recording:
         self.state = None  # TrainState (history, checkpoints)
         self._step: dict[str, Any] = {}
         self._last_checkpoint = -1
+        self._locks: list = []  # the record_dir's exclusive run lock while recording
 
     # ------------------------------------------------------------- data
     @property
@@ -332,11 +333,14 @@ class _Recording:
         from ..trajectory import TrainingLogger
         from ..trajectory.jsonl import TrajectoryLogError
 
+        from ..train.runlock import lock_dirs
+
         t = self.trainer
         if ckpt.list_checkpoints(self.record_dir) or (self.record_dir / "training_log").exists():
             raise RecordingError(f"{self.record_dir} already holds a recorded run: pass another record_dir")
         self.config = self.build_config(int(t.state.max_steps))
-        self.record_dir.mkdir(parents=True, exist_ok=True)
+        # one writer per run, as for `lmcleaner train` (a second one is refused, naming the holder's PID)
+        self._locks = lock_dirs([self.record_dir], ["record_dir"])
         self._write_dataset()
         unwrapped = t.accelerator.unwrap_model(t.model)
         export_model(unwrapped, t.processing_class, self.record_dir / BASE_MODEL_DIR, self.config.model.dtype)
@@ -461,9 +465,14 @@ class _Recording:
             self.close()
 
     def close(self) -> None:
-        if self.recorder is not None:
-            recorder, self.recorder = self.recorder, None
-            recorder.close()
+        try:
+            if self.recorder is not None:
+                recorder, self.recorder = self.recorder, None
+                recorder.close()
+        finally:
+            for lk in self._locks:
+                lk.release()
+            self._locks = []
 
 
 def _config_dict(cfg) -> dict:

@@ -272,3 +272,19 @@ def all_gather_json(obj: Any, accelerator) -> list[Any]:
     parts = [torch.zeros(width, dtype=torch.uint8, device=device) for _ in sizes]
     dist.all_gather(parts, padded)
     return [json.loads(bytes(p[:int(s)].tolist()).decode()) if int(s) else None for p, s in zip(parts, sizes)]
+
+
+def main_process_pid(device: Any = None) -> int:
+    """The main (rank 0) process's PID, on every rank: it names the one temporary directory all
+    ranks write into (a sharded checkpoint, a multi-process retrain), stamped like a one-process
+    one so that a killed writer's leftover is recognised by its dead PID and cleaned up.
+    A collective (one broadcast of one integer) when several processes run."""
+    import os
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return os.getpid()
+    t = torch.tensor([os.getpid()], dtype=torch.long, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())

@@ -1,10 +1,15 @@
-"""Model construction: the embedded tiny Llama, or any HF causal LM, plus LoRA."""
+"""Model construction: the embedded tiny Llama, or any HF causal LM, plus LoRA.
+
+A model directory that ships Python code (``auto_map``) is loaded only when
+the current user allowed it (``config.received.guard_remote_code``).
+"""
 
 from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from ..config.received import guard_remote_code
 from ..data.tokenizer import load_error
 
 EMBEDDED_MODEL = "tiny-llama"
@@ -45,10 +50,11 @@ def build_model(mcfg, tokenizer, seed: int = 0, lora_cfg=None):
     else:
         from .pretrain import resolve_base
 
+        path = resolve_base(mcfg.name_or_path)
+        trust = guard_remote_code(path, bool(mcfg.trust_remote_code))  # before transformers sees it
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                resolve_base(mcfg.name_or_path), dtype=dtype, attn_implementation=mcfg.attn_implementation,
-                trust_remote_code=mcfg.trust_remote_code,
+                path, dtype=dtype, attn_implementation=mcfg.attn_implementation, trust_remote_code=trust,
             )
         except Exception as err:  # noqa: BLE001 - one line naming model.name_or_path instead of 30
             raise load_error("model", "model.name_or_path", mcfg.name_or_path, err) from None

@@ -61,6 +61,18 @@ def _model_block(preset: str) -> dict[str, Any]:
     return block
 
 
+def check_settings(pcfg) -> None:
+    """One-line errors for settings that would silently pretrain something else (``steps=0``
+    would mean "train by epochs"), before anything is created."""
+    from ..config.loader import ConfigError
+
+    for key, ok, want in (("steps", pcfg.steps >= 1, ">= 1"), ("batch_size", pcfg.batch_size >= 1, ">= 1"),
+                          ("learning_rate", pcfg.learning_rate > 0, "> 0"),
+                          ("num_entities", pcfg.num_entities >= 1, ">= 1"), ("max_length", pcfg.max_length >= 8, ">= 8")):
+        if not ok:
+            raise ConfigError(f"pretrain.{key}={getattr(pcfg, key)!r}: must be {want}")
+
+
 def base_key(pcfg) -> tuple[str, dict[str, Any]]:
     """(cache key, the settings it hashes)."""
     import torch
@@ -117,6 +129,7 @@ def ensure_base_model(pcfg=None) -> Path:
     from ..config.schema import PretrainConfig
 
     pcfg = pcfg or PretrainConfig()
+    check_settings(pcfg)
     target = base_dir(pcfg)
     if (target / "config.json").is_file():
         return target
@@ -135,7 +148,13 @@ def _build(pcfg, target: Path) -> None:
     from ..data.tokenizer import embedded_tokenizer
     from .trainer import Trainer
 
+    from .outputs import pid_alive
+
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*-*"):  # a killed build's (under the same lock)
+        pid = stale.name[len(f".{target.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         rows = generate_pretraining_corpus(pcfg.num_entities, pcfg.seed, embedded_tokenizer())

@@ -31,6 +31,8 @@ from .hooks import NullRecorder
 from .loss import per_sample_nll
 from .model import build_model
 from .optim import build_optimizer, build_scheduler, optimizer_spec
+from .outputs import clean_stale
+from .runlock import lock_dirs
 from .state import TrainState
 
 log = logging.getLogger("lmcleaner.training")
@@ -55,11 +57,18 @@ def _configured_unlearner(t) -> OnlineUnlearner | None:
     oc = getattr(t, "online_unlearning", None)
     if oc is None or not oc.method:
         return None
-    from ..unlearn.online import OnlineUnlearner as Online
-    from ..unlearn.session import canonical_method
+    import dataclasses
 
-    method = canonical_method(oc.method)  # a one-line error for an unknown name, before anything runs
-    return Online(method, K=oc.K, hessian_mode=oc.hessian_mode, damping=oc.damping)
+    from ..unlearn.online import OnlineUnlearner as Online
+    from ..unlearn.registry import get_method, method_config
+
+    cls = get_method(oc.method)  # a one-line error for an unknown name, before anything runs
+    # K, hessian_mode, damping belong to the LMCleaner methods; replay (exact) and others take what they have
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    args = {k: v for k, v in (("K", oc.K), ("hessian_mode", oc.hessian_mode), ("damping", oc.damping))
+            if k in fields}
+    method_config(cls, args)  # bad values fail now too
+    return Online(cls.name, **args)
 
 
 def run_meta(config, engine: Engine, spec, total_steps: int, output_dir) -> dict[str, Any]:
@@ -105,7 +114,8 @@ class Trainer:
         if self.t.torch_threads > 0:
             torch.set_num_threads(self.t.torch_threads)
         # Everything that can fail on bad input happens before the output dir exists.
-        self.tokenizer = tokenizer or load_tokenizer(config.model.tokenizer, config.model.name_or_path)
+        self.tokenizer = tokenizer or load_tokenizer(config.model.tokenizer, config.model.name_or_path,
+                                                    config.model.trust_remote_code)
         show = self.t.progress_bar and self.accelerator.is_main_process
         self.dataset = build_dataset(self.t, self.tokenizer, progress=show)
         self.eval_dataset = None
@@ -255,6 +265,11 @@ class Trainer:
                 req = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a request still being written; read it next step
+            ok = isinstance(req, dict) and isinstance(req.get("ids"), list) and all(
+                isinstance(i, int) and not isinstance(i, bool) for i in req["ids"])
+            if not ok:
+                raise TrainingError(f"{path}: {line.strip()[:60]!r} is not a deletion request; write lines like "
+                                    '{"request_id": "r1", "ids": [17, 203]}')
             rid = str(req.get("request_id", ""))
             if rid and rid not in self.state.processed_requests and all(p["request_id"] != rid for p in self._pending):
                 self._pending.append({"request_id": rid, "ids": [int(i) for i in req["ids"]]})
@@ -331,10 +346,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> TrainState:
-        acc = self.accelerator
-        if self.t.forget_request_file and self.online_unlearner is None:
+        """Train (or resume) to the step budget while holding the run's exclusive lock."""
+        if self.t.forget_request_file and self.online_unlearner is None:  # before anything is created
             raise TrainingError(f"training.forget_request_file={self.t.forget_request_file} needs an online "
                                 "unlearner: set training.online_unlearning.method=LMCleanerSample (or replay)")
+        locks = []
+        if self.accelerator.is_main_process:  # one writer per run: a second one is refused here, writing nothing
+            lcfg = self.config.training_logger
+            dirs = [self.output_dir] + ([Path(lcfg.log_dir)] if lcfg.enabled and lcfg.log_dir else [])
+            locks = lock_dirs(dirs, ["training.output_dir", "training_logger.log_dir"])
+            clean_stale(self.output_dir)  # temp dirs of a killed writer (checkpoint-N.tmp-PID)
+        try:
+            return self._train_locked()
+        finally:
+            for lk in locks:
+                lk.release()
+
+    def _train_locked(self) -> TrainState:
+        acc = self.accelerator
         if self._resume_path is not None:
             self._resume()
         elif acc.is_main_process and self.output_dir.exists() and ckpt.list_checkpoints(self.output_dir):

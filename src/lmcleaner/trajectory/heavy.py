@@ -24,7 +24,6 @@ result). ``HeavySteps`` yields ``ReplayedStep`` like
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Iterator
 
@@ -88,19 +87,20 @@ class HeavySteps:
                     self.spec.momentum * buf + (1 - self.spec.dampening) * d_p)
 
     def __call__(self, start: int, end: int) -> Iterator[ReplayedStep]:
-        from ..train.checkpoint import load_optimizer_tensors
+        from ..train.checkpoint import load_optimizer_tensors, read_json, verify_checkpoint
 
         point = self.log.restore_point_for(start)
-        theta = self.log.params_at(point.step)
+        theta = self.log.params_at(point.step)  # checks the checkpoint's hashes (as the log recorded them)
         state: dict[str, dict[str, Any]] | None = None
         if self.needs_state:
+            verify_checkpoint(point.path, point.files)  # already hashed by params_at: a cache lookup
             flat = load_optimizer_tensors(point.path)
             state = {}
             for key, v in flat.items():
                 name, k = key.split("::", 1)
                 if name in theta:
                     state.setdefault(name, {})[k] = v.float().clone()
-            scalars = json.loads((point.path / "optimizer.json").read_text()).get("scalars", {})
+            scalars = (read_json(point.path / "optimizer.json") or {}).get("scalars", {})
             for name, d in scalars.items():  # a non-tensor "step" is stored as a scalar
                 if name in state and "step" in d and "step" not in state[name]:
                     state[name]["step"] = torch.tensor(float(d["step"]))

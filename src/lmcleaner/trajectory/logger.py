@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -170,6 +171,9 @@ class TrainingLogger(NullRecorder):
             "torch_num_threads": torch.get_num_threads(),
             "torch_version": torch.__version__,
         })
+        if meta.get("output_dir"):  # the run directory as seen from the log: a copied run finds its own files
+            out["run_dir_relative"] = os.path.relpath(os.path.abspath(meta["output_dir"]),
+                                                      os.path.abspath(self.log_dir))
         out["run_fingerprint"] = layout.run_fingerprint(out)
         return out
 
@@ -218,7 +222,13 @@ class TrainingLogger(NullRecorder):
     def _add_resume_checkpoint(self, resume: int, meta: dict[str, Any]) -> None:
         path = ckpt.checkpoint_dir(meta.get("output_dir", ""), resume)
         if (path / "trainer_state.json").is_file():
-            self._points[(resume, restore.CHECKPOINT)] = restore.RestorePoint(resume, path.resolve())
+            files = ckpt.read_checksums(path)
+            known = self._points.get((resume, restore.CHECKPOINT))
+            if known is not None and known.files and files is not None and known.files != files:
+                raise TrajectoryLogError(f"{path} does not belong to the log in {self.log_dir} (its checksums.json "
+                                         f"differs from the hashes recorded in {layout.CHECKPOINTS}): resume from "
+                                         "the checkpoint this log recorded, or start a new run")
+            self._points[(resume, restore.CHECKPOINT)] = restore.RestorePoint(resume, path.resolve(), files=files)
 
     def close(self) -> None:
         if self._closed or self.writer is None:
@@ -311,6 +321,11 @@ class TrainingLogger(NullRecorder):
     def _raise_if_failed(self) -> None:
         if self.writer is not None and self.writer.error is not None:
             err = self.writer.error
+            if isinstance(err, OSError):  # disk full, read-only: one line naming the file and the fix
+                from ..train.outputs import describe_os_error
+
+                raise TrajectoryLogError(f"training log writer failed in {self.log_dir}: "
+                                         f"{describe_os_error(err)}") from err
             raise TrajectoryLogError(f"training log writer failed in {self.log_dir}: {err}") from err
 
     # ------------------------------------------------------- checkpoints
@@ -320,7 +335,8 @@ class TrainingLogger(NullRecorder):
         return step % self.settings.checkpoint_interval == 0
 
     def on_checkpoint(self, step: int, path) -> None:
-        self._points[(step, restore.CHECKPOINT)] = restore.RestorePoint(step, Path(path).resolve())
+        self._points[(step, restore.CHECKPOINT)] = restore.RestorePoint(step, Path(path).resolve(),
+                                                                        files=ckpt.read_checksums(path))
         self._prune_points(step)
         pending, self._before_checkpoint = self._before_checkpoint, None
         if pending is not None:
@@ -359,7 +375,8 @@ class TrainingLogger(NullRecorder):
             path = layout.anchor_dir(self.log_dir, step)
             path.parent.mkdir(parents=True, exist_ok=True)
             save_anchor(self.engine, path, ev)
-            self._points[(step, restore.ANCHOR)] = restore.RestorePoint(step, path.resolve(), restore.ANCHOR)
+            self._points[(step, restore.ANCHOR)] = restore.RestorePoint(step, path.resolve(), restore.ANCHOR,
+                                                                        files=ckpt.read_checksums(path))
             ev["anchor"] = str(path.relative_to(self.log_dir))
             if step not in self._event_steps:
                 self._event_steps.append(step)

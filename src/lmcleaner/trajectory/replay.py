@@ -84,9 +84,11 @@ class _Capture(NullObserver):
 class TrajectoryReplayer:
     """Replays a recorded run. ``trainer``: an already built one (else rebuilt from ``meta.json``)."""
 
-    def __init__(self, log: TrajectoryLog | str, trainer: Any = None, verify: bool = True):
+    def __init__(self, log: TrajectoryLog | str, trainer: Any = None, verify: bool = True,
+                 trust_remote_code: bool = False):
         self.log = log if isinstance(log, TrajectoryLog) else TrajectoryLog(log)
         self._trainer = trainer
+        self.trust_remote_code = trust_remote_code  # the current user's choice, never the log's
         self.verify = verify
         self._pos: int | None = None  # the step whose theta the engine holds (None: unknown)
         self._origin: RestorePoint | None = None  # where that state was restored from
@@ -97,7 +99,7 @@ class TrajectoryReplayer:
     @property
     def trainer(self):
         if self._trainer is None:
-            self._trainer = build_trainer(self.log)
+            self._trainer = build_trainer(self.log, trust_remote_code=self.trust_remote_code)
         return self._trainer
 
     @property
@@ -117,7 +119,9 @@ class TrajectoryReplayer:
 
             e.scheduler = build_scheduler(getattr(e.optimizer, "optimizer", e.optimizer), self.trainer.t, total)
             self._schedule_total = total
-        ckpt.load_checkpoint(point.path, e.trainable(), e.optimizer, e.scheduler, restore_rng=False)
+        # the files are hashed against what the log recorded: a corrupted or foreign checkpoint is refused
+        ckpt.load_checkpoint(point.path, e.trainable(), e.optimizer, e.scheduler, restore_rng=False,
+                             expected=point.files)
         self._pos, self._origin = point.step, point
 
     def seek(self, step: int) -> RestorePoint:

@@ -62,7 +62,9 @@ class OnlineUnlearner:
         # Several ranks: all apply the request at this step (the trainer synchronises requests), the
         # main one has just flushed the log they all read, and they compute the correction together.
         trainer.accelerator.wait_for_everyone()
-        session = UnlearnSession(log_dir=recorder.log_dir)
+        # the live run's own log: the user's own model setting applies (it is not a received run)
+        session = UnlearnSession(log_dir=recorder.log_dir,
+                                 trust_remote_code=bool(trainer.config.model.trust_remote_code))
         session.progress_leave = False  # inside the training bar
         used = [i for i in ids if session.log.steps_containing([i])]
         if not used:

@@ -191,11 +191,12 @@ class WindowedReplay:
                 rest_mass = self._lr_mass(log, end, nxt)
                 e_window = change * rest_mass / seg_mass if seg_mass > 0 else float("inf")
                 window_log["segments"].append({"end": end, "norm": nd, "relative_change": change,
-                                               "estimated_carry_error": e_window})
+                                               "estimated_carry_error": e_window, "rest_mass": rest_mass})
                 limit = self.max_window if self.max_window is not None else tau
                 if self.tol <= 0 or e_window <= self.tol or end - t >= limit:
                     break
-                if self.max_window is not None and self._hopeless(window_log["segments"], t, end, limit):
+                if self.max_window is not None and self._hopeless(log, window_log["segments"], t, end, limit, nxt,
+                                                                  tau):
                     window_log["stopped"] = "the estimate would not reach tol within the budget"
                     break
                 new_end = self._boundary(log, end + 1, tau)
@@ -225,18 +226,27 @@ class WindowedReplay:
         info["recovery_steps"] = replayed - stats.counterfactual_steps
         return params, new_state, info
 
-    def _hopeless(self, segments: list[dict[str, Any]], start: int, end: int, limit: int) -> bool:
-        """With a budget (``max_window``): stop early when the estimates so far, falling at their
-        last observed rate per segment, would not reach ``tol`` before the budget is spent."""
-        errs = [seg["estimated_carry_error"] for seg in segments if "estimated_carry_error" in seg]
-        if len(errs) < 3:
+    def _hopeless(self, log, segments: list[dict[str, Any]], start: int, end: int, limit: int, horizon: int,
+                  tau: int) -> bool:
+        """With a budget (``max_window``): stop early when the estimate could not reach ``tol``
+        before the budget is spent. The estimate at a later end ``E`` is the change per unit of
+        learning rate times the learning rate still to come after ``E`` (the schedule is known
+        from the log); the change per unit of learning rate is projected to keep falling at the
+        factor it fell by over the last segment (optimistic: it falls as the deviation settles)
+        -- if even that projection misses ``tol`` within the budget, the window stops."""
+        segs = [seg for seg in segments if seg.get("rest_mass")]
+        if len(segs) < 3:  # the first segment's change is measured from d = 0: no rate yet
             return False
-        rate = errs[-1] / errs[-2] if errs[-2] > 0 else 1.0
-        if rate >= 1.0:
-            return True
-        needed = math.log(self.tol / errs[-1]) / math.log(rate)  # more segments of the same length
-        seg_len = max(1, (end - start) / len(errs))
-        return end - start + needed * seg_len > limit
+        rate = segs[-1]["estimated_carry_error"] / segs[-1]["rest_mass"]
+        before = segs[-2]["estimated_carry_error"] / segs[-2]["rest_mass"]
+        q = min(1.0, rate / before) if before > 0 else 1.0
+        e = end
+        while e - start < limit and e < tau:
+            e = self._boundary(log, e + 1, tau)
+            rate *= q
+            if rate * self._lr_mass(log, e, horizon) <= self.tol:
+                return False
+        return True
 
     # ----------------------------------------------------------- carries
     def _carry(self, session, d: Params, D: OptState, a: int, b: int) -> tuple[Params, OptState, float]:

@@ -66,14 +66,14 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-import torch.nn.functional as F
-
-from ...data.collate import Collator
-from ...train.loss import IGNORE_INDEX, count_supervised, per_sample_nll, shift_labels
 from ..result import UnlearnError, UnlearnResult
+
+if TYPE_CHECKING:
+    import torch
+# torch and the training code are imported where they are used: registering the methods
+# (`lmcleaner unlearn --help` lists them) must not import torch.
 
 FORWARD_COST = 1.0 / 3.0  # a forward-only pass, in forward+backward units
 SCHEDULES = ("linear", "constant", "cosine")
@@ -134,6 +134,8 @@ class RetainConfig(AscentConfig):
 # ------------------------------------------------------------------ loss pieces
 def sequence_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (summed answer-token NLL, supervised-token count), float32."""
+    from ...train.loss import per_sample_nll
+
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     return per_sample_nll(out.logits, batch["labels"])
 
@@ -141,6 +143,11 @@ def sequence_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
 def retain_kl_sum(model: torch.nn.Module, ref: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``sum over supervised positions of KL(p_ref || p_model)`` (open-unlearning's direction; it
     averages over every position including prompt and padding, here only answer positions count)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ...train.loss import IGNORE_INDEX, shift_labels
+
     kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     with torch.no_grad():
         ref_logp = F.log_softmax(ref(**kw).logits.float(), -1)
@@ -180,6 +187,8 @@ class AscentMethod:
     def loss(self, cfg: Any, model, ref, forget: dict, retain: dict | None, forget_norm: float,
              retain_norm: float) -> tuple[torch.Tensor, dict[str, float]]:
         """One (micro-)batch's share of ``gamma F + alpha R``, with the whole batch's normalisers."""
+        import torch
+
         nll, count = sequence_nll(model, forget)
         ref_nll = None
         if self.needs_reference:
@@ -199,6 +208,8 @@ class AscentMethod:
 
     def objective(self, cfg: Any, model, ref, forget: dict, retain: dict | None = None) -> torch.Tensor:
         """``gamma F + alpha R`` of one whole batch (what each optimizer step minimises)."""
+        from ...train.loss import count_supervised
+
         r_norm = max(count_supervised(retain["labels"]), 1) if retain is not None else 1
         f_norm = self.forget_norm(forget["input_ids"].shape[0], count_supervised(forget["labels"]))
         return self.loss(cfg, model, ref, forget, retain, f_norm, r_norm)[0]
@@ -228,6 +239,7 @@ class AscentMethod:
         return UnlearnResult(self.name, ids, session.tau, params, None, info)
 
     def _optimise(self, session, ids: list[int], cfg: Any, model, ref, named) -> dict[str, Any]:
+        import torch
         from tqdm.auto import tqdm
         from transformers import get_scheduler
 
@@ -272,6 +284,8 @@ class AscentMethod:
     def _batches(ids: list[int], pool: list[int], cfg: Any):
         """(forget ids, retain ids) per optimizer step: the forget rows reshuffled every epoch, each
         paired with a retain row drawn uniformly with replacement; a pure function of ``cfg.seed``."""
+        import torch
+
         g = torch.Generator().manual_seed(int(cfg.seed))
         for _ in range(cfg.epochs):
             order = [ids[int(i)] for i in torch.randperm(len(ids), generator=g)]
@@ -282,6 +296,8 @@ class AscentMethod:
 
     def _accumulate(self, ds, cfg: Any, model, ref, f_ids: list[int], r_ids: list[int]) -> dict[str, float]:
         """Backward of one step's objective, micro-batch by micro-batch, with the whole step's normalisers."""
+        from ...data.collate import Collator
+
         collate = Collator(ds.pad_token_id)
         f_norm = self.forget_norm(len(f_ids), sum(ds.supervised_tokens(i) for i in f_ids))
         r_norm = max(sum(ds.supervised_tokens(i) for i in r_ids), 1)
@@ -308,6 +324,7 @@ class AscentMethod:
     @staticmethod
     def _param_groups(model, named: dict[str, torch.nn.Parameter], spec, cfg: Any) -> list[dict]:
         """One group per (recorded param group, decay or not); the HF Trainer's no-decay rule."""
+        import torch
         from transformers.trainer_pt_utils import get_parameter_names
 
         decay = set(get_parameter_names(model, [torch.nn.LayerNorm], NO_DECAY_PATTERNS))

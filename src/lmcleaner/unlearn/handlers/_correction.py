@@ -16,9 +16,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Optional
 
-import torch
-
-from ..methods import apply_correction
 from ..result import UnlearnError, UnlearnResult
 
 log = logging.getLogger("lmcleaner.unlearn")
@@ -151,7 +148,7 @@ class CorrectionMethod:
         elif trunc[1] in corr.probe:
             a, b = trunc
             db = corr.probe[b]
-            da = corr.probe.get(a) or {n: torch.zeros_like(v) for n, v in db.items()}  # before the first use: 0
+            da = corr.probe.get(a) or {n: v.new_zeros(v.shape) for n, v in db.items()}  # before the first use: 0
             nb = sum(float((v.double() ** 2).sum()) for v in db.values()) ** 0.5
             change = (sum(float(((db[n].double() - da[n].double()) ** 2).sum()) for n in db) ** 0.5 / nb
                       if nb > 0 else 1.0)
@@ -194,6 +191,8 @@ class CorrectionMethod:
         trunc = self._truncation_steps(session, touched, self.reach(cfg))
         corr = algo.compute(session.template, steps_iter, session.spec, forget, session.tau, diag,
                             last_injection=touched[-1], probe_steps=[p for p in (*probes, *(trunc or ())) if p])
+        from ..methods import apply_correction
+
         theta, opt_state = session.replayer.state_at(session.tau)
         params, new_state = apply_correction(theta, opt_state, corr)
         recovery = recovery_cost()  # steps replayed (light) or gradients (heavy) to recover past states
@@ -237,9 +236,10 @@ def _probe_budget(session, first_use: int) -> int:
 
 
 class LMCleanerMethod(CorrectionMethod):
-    """LMCleaner at one level: ``Algorithm`` is the ``unlearn.methods`` class it drives."""
+    """LMCleaner at one level: ``algorithm_class`` names the ``unlearn.methods`` class it drives
+    (imported when it runs: registering the methods must not import torch)."""
 
-    Algorithm: ClassVar[type]
+    algorithm_class: ClassVar[str]
     certifiable: ClassVar[bool] = True  # the formal residual bound applies (unlearn/certify/bound.py)
 
     @dataclass
@@ -269,7 +269,9 @@ class LMCleanerMethod(CorrectionMethod):
         return UnlearnResult(self.name, ids, session.tau, params, new_state, info)
 
     def algorithm(self, cfg: PropagationConfig):
-        return self.Algorithm(K=cfg.K, hessian_mode=cfg.hessian_mode, damping=cfg.damping,
+        from .. import methods
+
+        return getattr(methods, self.algorithm_class)(K=cfg.K, hessian_mode=cfg.hessian_mode, damping=cfg.damping,
                               track_second_moment=cfg.track_second_moment, optimizer_map=cfg.optimizer_map,
                               exact_impl=cfg.exact_impl, hvp_options=hvp_options(cfg))
 

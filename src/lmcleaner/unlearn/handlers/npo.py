@@ -20,16 +20,19 @@ retain sampling and cost (the reference forward counts 1/3 of a gradient):
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from ..registry import register_method
 from ._ascent import AscentMethod, RetainConfig
 
+if TYPE_CHECKING:
+    import torch
+
 
 def npo_terms(nll: torch.Tensor, ref_nll: torch.Tensor, beta: float) -> torch.Tensor:
     """Per-row ``-(2/beta) logsigmoid(beta (nll - nll_ref))`` (averaged over rows by the caller)."""
+    import torch.nn.functional as F
+
     return -2.0 / beta * F.logsigmoid(beta * (nll - ref_nll))
 
 

@@ -14,16 +14,19 @@ retain NLL; taken there from the authors' TOFU config, where ``gamma`` is
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from ..registry import register_method
 from ._ascent import AscentMethod, RetainConfig
 
+if TYPE_CHECKING:
+    import torch
+
 
 def simnpo_terms(nll: torch.Tensor, count: torch.Tensor, beta: float, delta: float) -> torch.Tensor:
     """Per-row ``-(2/beta) logsigmoid(beta (nll/n - delta))`` (rows without answer tokens count n=1)."""
+    import torch.nn.functional as F
+
     return -2.0 / beta * F.logsigmoid(beta * (nll / count.clamp_min(1) - delta))
 
 
