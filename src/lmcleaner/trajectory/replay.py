@@ -242,16 +242,15 @@ class TrajectoryReplayer:
         """Overwrite the engine's parameters (and optimizer state, by name) at its current
         step; the scheduler stays. The engine is then off the recorded trajectory."""
         live = self.engine.trainable()
-        with torch.no_grad():
-            for name, value in params.items():
-                live[name].copy_(value.to(live[name].dtype))
+        for name, value in params.items():  # full values; this rank's part when sharded (FSDP)
+            dist_utils.assign(live[name], value)
         if opt_state is not None:
             opt = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
             for name, p in live.items():
                 st = opt.state.get(p)
                 for k, v in opt_state.get(name, {}).items():
                     if st is not None and k in st and torch.is_tensor(st[k]) and k != "step":
-                        st[k].copy_(v.to(st[k].dtype))
+                        dist_utils.assign(st[k], v)
         self._origin = None
 
     def step_without(self, t: int, extra_excluded: Iterable[int]) -> StepRecord:
