@@ -181,7 +181,7 @@ class _ZeroHVP(ExactHVP):
     (dict(K=-3), "K must be an integer >= 1"),
     (dict(K=2.5), "K must be an integer >= 1"),
     (dict(hessian_mode="hessian"), "unknown hessian_mode"),
-    (dict(hessian_mode="low_rank"), "unknown hessian_mode"),
+    (dict(hessian_mode="lowrank"), "unknown hessian_mode"),
     (dict(damping=-1.0), "damping must be >= 0"),
     (dict(optimizer_map="tangent"), "unknown optimizer_map"),
 ])

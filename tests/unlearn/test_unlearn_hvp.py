@@ -222,7 +222,7 @@ def test_non_differentiable_attention_is_switched_to_eager_and_restored():
 
 def test_unknown_mode_is_a_one_line_error(mlp_problem):
     (fl, *_), _, _ = mlp_problem
-    for mode in ("hessian", "low_rank"):
+    for mode in ("hessian", "lowrank"):
         with pytest.raises(ValueError, match="unknown hessian_mode") as err:
             make_hvp_backend(mode, fl)
         assert "\n" not in str(err.value)

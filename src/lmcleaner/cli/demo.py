@@ -3,14 +3,17 @@
 Trains the embedded model with the recorder, issues a deletion request for a
 few authors' samples, computes the exact-retrain oracle, runs LMCleaner
 (batch and sample level, several K and curvature modes), exact replay and the
-baselines, evaluates every model against the oracle and writes
-``<out_dir>/report.md`` with plots and ``results.json``.
+baselines, evaluates every model against the oracle, certifies the windowed
+LMCleaner result with calibrated noise at a few epsilons (membership inference
+and utility of the certified model next to the oracle with the same noise) and
+writes ``<out_dir>/report.md`` with plots and ``results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -22,6 +25,8 @@ scale it up with overrides:
   lmcleaner demo demo.steps=600 demo.Ks=[10,50,200] demo.hessian_modes=[GGN,exact]
   lmcleaner demo demo.model=micro-llama demo.forget_authors=[3] demo.optimizer=sgd demo.learning_rate=0.05
   lmcleaner demo demo.model=my_model.yaml demo.data=path/to/qa.jsonl demo.forget_ids=[0,1,2]
+  lmcleaner demo demo.max_grad_norm=1.0 demo.certify_epsilons=[0.5,1,2,4,8]   # certification at more epsilons
+  lmcleaner demo demo.certify_epsilons=[]                                      # no certification section
   any training.* key applies to the recorded run, e.g. training.batch_size=16"""
 
 MARKER = "demo.json"
@@ -84,7 +89,9 @@ def _forget_ids(cfg, rows: list[dict]) -> list[int]:
 
 def run_demo(cfg) -> dict[str, Any]:
     from ..evaluate import EvalData, evaluate_models, format_table, write_report
-    from ..evaluate.compare import compare_methods, default_grid, merge_eval, windowed_grid
+    from ..evaluate.certification import certification_sweep
+    from ..evaluate.compare import compare_methods, default_grid, merge_eval, row_name_of, windowed_grid
+    from ..evaluate.report import certification_markdown, plot_certification
     from ..train import Trainer
     from ..train.export import export_model
     from ..unlearn.cli_retrain import retrain_config
@@ -99,7 +106,9 @@ def run_demo(cfg) -> dict[str, Any]:
     def phase(i: int, what: str) -> None:
         """One line per phase (each phase then shows its own progress with an ETA)."""
         if show:
-            print(f"demo [{i}/4] {what} (elapsed {time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+            total = 5 if d.certify_epsilons else 4
+            print(f"demo [{i}/{total}] {what} (elapsed {time.perf_counter() - started:.0f} s)", file=sys.stderr,
+                  flush=True)
 
     # Tiny models: one intra-op thread is fastest, and on a busy 2-core machine
     # two threads spin against each other (measured >10x slower sweeps).
@@ -141,7 +150,10 @@ def run_demo(cfg) -> dict[str, Any]:
     retain_ids = [i for i in range(len(dataset)) if i not in set(ids)][: d.eval_max_retain]
     model_dirs = {"original": run_dir / "final_model", "oracle": out / "retrain" / "final_model"}
 
+    unlearned = {}  # row name -> UnlearnResult (the certification section uses one of them)
+
     def export(name, res):
+        unlearned[name] = res
         model_dirs[name] = export_model(session.model_with(res.params), trainer.tokenizer, models_dir / name)
 
     t0 = time.perf_counter()
@@ -161,6 +173,24 @@ def run_demo(cfg) -> dict[str, Any]:
                                      progress=cfg.training.progress_bar)
         timings["eval"] = time.perf_counter() - t0
         merge_eval(rows, summary)
+    sections, certification = [], None
+    # certify the windowed correction (exact windows: the approximation auto uses), else the full-window one
+    candidates = [row_name_of("LMCleanerSampleLevel", {"propagation": "replay", "K": int(k), "carry": "frozen"})
+                  for k in d.Ks[:1]]
+    candidates.append(row_name_of("LMCleanerSampleLevel", {"hessian_mode": d.hessian_modes[0], "K": session.tau}))
+    chosen = next((name for name in candidates if name in unlearned), None)
+    if data is not None and d.certify_epsilons and chosen is not None:
+        t0 = time.perf_counter()
+        phase(5, f"certified removal of {chosen}: calibrated noise at epsilon {list(d.certify_epsilons)}, "
+                 "certified vs oracle + the same noise")
+        certification = certification_sweep(session, unlearned[chosen], oracle, data,
+                                            [*d.certify_epsilons, math.inf], list(d.certify_variants),
+                                            max_new_tokens=d.eval_max_new_tokens, rank=8,
+                                            progress=cfg.training.progress_bar)
+        certification["unlearned"] = chosen
+        timings["certify"] = time.perf_counter() - t0
+        png = plot_certification(certification, out / "certification.png")
+        sections.append(certification_markdown(certification, png.name if png else None))
     skipped = sorted(set(wanted) - set(ids))
     init = ("fine-tuned from the project's pretrained base" if model_name.startswith("base:")
             else "trained from random initialisation")
@@ -175,9 +205,9 @@ def run_demo(cfg) -> dict[str, Any]:
              "replayed steps to recover past parameters included). Timings (s): "
              + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     history = [(h["step"], h["loss"]) for h in state.history]
-    paths = write_report(rows, out, loss_history=history, title="lmcleaner demo", notes=notes)
+    paths = write_report(rows, out, loss_history=history, title="lmcleaner demo", notes=notes, sections=sections)
     results = {"forget_ids": ids, "tau": session.tau, "rows": rows, "timings": timings,
-               "report": str(paths["report"])}
+               "report": str(paths["report"]), "certification": certification}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / MARKER).write_text(json.dumps({"status": "done"}))
     return {**results, "table": format_table(rows)}

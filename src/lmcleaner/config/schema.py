@@ -173,7 +173,10 @@ class UnlearnTrainerConfig:
     - ``apply_immediately``: write the unlearned model (else only the correction);
     - ``audit_dir``: where the audit log goes (default: ``<output>/audit``);
     - ``fallback_to_replay``: a correction the divergence guard flags is
-      replaced by exact replay.
+      replaced by exact replay;
+    - ``certify``: ``{epsilon, delta, subspace_rank, bound, ...}`` adds Gaussian
+      noise for an (epsilon, delta) guarantee (``unlearn/certify``,
+      ``docs/certification.md``); absent: no noise.
     """
 
     handler: str = "auto"  # per request: an approximation when its estimated error is small enough, else replay
@@ -213,6 +216,10 @@ class DemoConfig:
     eval_max_retain: int = 48
     eval_max_holdout: int = 32
     threads: int = 1  # torch intra-op threads for the demo (1 is fastest for the tiny default model)
+    # certified removal section (docs/certification.md): epsilons besides inf (empty: no section) and
+    # where the residual bound comes from (formal | formal_lipschitz | empirical | empirical_subspace)
+    certify_epsilons: list[float] = field(default_factory=lambda: [1.0, 8.0])
+    certify_variants: list[str] = field(default_factory=lambda: ["formal", "empirical"])
 
 
 @dataclass

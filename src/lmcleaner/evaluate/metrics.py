@@ -42,23 +42,31 @@ def truth_ratio(base_loss: float, perturbed_losses: Sequence[float], eps: float 
         return math.nan
     if eps:
         return math.exp(-float(np.mean(perturbed_losses))) / (math.exp(-float(base_loss)) + eps)
-    return math.exp(float(base_loss) - float(np.mean(perturbed_losses)))
+    # a destroyed model (e.g. heavily noised) can have losses in the thousands: exp saturates to inf
+    with np.errstate(over="ignore"):
+        return float(np.exp(np.float64(base_loss) - np.mean(perturbed_losses)))
+
+
+def _not_nan(values: Iterable[float]) -> np.ndarray:
+    """Values without NaN; +inf kept (a truth ratio saturates to inf on a destroyed model and scores 0)."""
+    arr = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+    return arr[~np.isnan(arr)]
 
 
 def truth_ratio_forget_score(ratios: Iterable[float], eps: float = 0.0) -> float:
     """Forget-set aggregate ``mean(min(TR, 1/TR))`` (1 = true and false answers equally
     likely, as for a model that never saw the data); ``eps``: ``1/(TR + eps)`` (open-unlearning)."""
-    tr = _finite(ratios)
+    tr = _not_nan(ratios)
     if tr.size == 0:
         return math.nan
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):  # TR ~ 0 or inf on a destroyed model
         return float(np.mean(np.minimum(tr, 1.0 / (tr + eps))))
 
 
 def truth_ratio_retain_score(ratios: Iterable[float]) -> float:
     """Retain / general-knowledge aggregate ``mean(max(0, 1 - TR))`` (higher = the
     model prefers the true answer)."""
-    tr = _finite(ratios)
+    tr = _not_nan(ratios)
     if tr.size == 0:
         return math.nan
     return float(np.mean(np.maximum(0.0, 1.0 - tr)))

@@ -291,12 +291,13 @@ def write_model_plots(rows: Sequence[Mapping[str, Any]], out_dir: str | Path) ->
 
 def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path,
                  loss_history: Sequence[tuple[float, float]] | None = None, title: str = "lmcleaner report",
-                 notes: str | None = None) -> dict[str, Path]:
+                 notes: str | None = None, sections: Sequence[str] = ()) -> dict[str, Path]:
     """Write ``report.md`` and the PNG plots to ``out_dir``.
 
     Returns ``{"report": ..., "training_loss": ..., "error_vs_k": ...,
     "error_vs_cost": ...}`` for the files actually written (a plot with no
-    data is skipped and the report says so)."""
+    data is skipped and the report says so). ``sections``: further markdown
+    sections appended at the end (e.g. :func:`certification_markdown`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -323,9 +324,99 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path,
             lines += [f"### {heading}", "", f"![{heading}]({written.name})", ""]
         else:
             lines += [f"### {heading}", "", f"_not drawn: {why_missing}_", ""]
+    for section in sections:
+        lines += [section.rstrip(), ""]
     report = out / "report.md"
     tmp = report.with_name(report.name + ".tmp")
     tmp.write_text("\n".join(lines), encoding="utf-8")
     tmp.replace(report)
     paths["report"] = report
     return paths
+
+
+def _eps_positions(epsilons: Sequence[float]) -> tuple[dict[float, float], list[float], list[str]]:
+    """x positions for epsilons on a log axis, with infinity one decade past the largest value."""
+    finite = sorted(e for e in set(epsilons) if math.isfinite(e))
+    inf_x = (finite[-1] * 4) if finite else 1.0
+    pos = {e: (e if math.isfinite(e) else inf_x) for e in set(epsilons)}
+    ticks = sorted(pos.values())
+    labels = [f"{e:g}" if math.isfinite(e) else "∞" for e in sorted(pos, key=lambda e: pos[e])]
+    return pos, ticks, labels
+
+
+def plot_certification(sweep: Mapping[str, Any], path: str | Path) -> Path | None:
+    """Best MIA AUC and model utility against epsilon (``evaluate.certification`` output):
+    certified (solid) and the oracle with the same noise (dashed) per variant, the
+    un-noised original and oracle as horizontal lines."""
+    rows = [r for r in sweep.get("rows", []) if "epsilon" in r]
+    if not rows:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.3), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, 2, i) for i in (1, 2)]
+    pos, ticks, labels = _eps_positions([r["epsilon"] for r in rows])
+    refs = sweep.get("references", {})
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    for ax, key, title in ((axes[0], "best_auc", "best MIA AUC (forget vs holdout)"),
+                           (axes[1], "model_utility", "model utility")):
+        for i, v in enumerate(variants):
+            mine = sorted((r for r in rows if r["variant"] == v), key=lambda r: pos[r["epsilon"]])
+            for suffix, style, label in (("certified", "-", v), ("noised_oracle", "--", f"{v}: oracle + same noise")):
+                pts = [(pos[r["epsilon"]], r.get(f"{key}_{suffix}")) for r in mine if _finite(r.get(f"{key}_{suffix}"))]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", color=f"C{i}",
+                            linewidth=1.4, markersize=4, label=label)
+        for name, color in (("original", "black"), ("oracle", "grey")):
+            y = refs.get(name, {}).get(key)
+            if _finite(y):
+                ax.axhline(y, color=color, linestyle=":", linewidth=1.0, label=f"{name} (no noise)")
+        ax.set_xscale("log")
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(labels)
+        ax.minorticks_off()
+        ax.set_xlabel("epsilon (delta = %g)" % sweep.get("delta", float("nan")))
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=6, loc="best")
+    return _save(fig, Path(path))
+
+
+CERTIFICATION_COLUMNS = ["variant", "epsilon", "guarantee", "bound", "sigma", "noise_norm", "best_auc_certified",
+                         "best_auc_noised_oracle", "auc_gap", "model_utility_certified",
+                         "model_utility_noised_oracle", "utility_vs_oracle", "retain_loss_certified", "meets_target"]
+
+
+def certification_table(sweep: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The sweep's rows with numbers, epsilon = inf shown as "inf" (no noise)."""
+    return [{**r, "epsilon": r["epsilon"] if math.isfinite(r["epsilon"]) else "inf (no noise)"}
+            for r in sweep.get("rows", []) if "epsilon" in r]
+
+
+def certification_markdown(sweep: Mapping[str, Any], plot_name: str | None = None) -> str:
+    """A report section: the table, the references, where the target is reached."""
+    refs = sweep.get("references", {})
+    lines = ["## Certified removal", "",
+             f"Gaussian noise calibrated to a residual bound for (epsilon, delta = {sweep.get('delta')}); "
+             f"{sweep.get('draws')} noise draw(s) per epsilon; membership inference on "
+             f"{sweep.get('forget_rows')} forget vs {sweep.get('holdout_rows')} held-out rows. `noised_oracle` = "
+             "the exact-retrain model plus the same noise draw (the fair comparison); target: AUC gap <= "
+             f"{sweep.get('auc_tol')} and model utility >= {1 - sweep.get('utility_tol', 0.1):.0%} of the oracle's.",
+             ""]
+    lines += [format_table(certification_table(sweep), CERTIFICATION_COLUMNS), ""]
+    ref_rows = [{"model": k, **v} for k, v in refs.items()]
+    if ref_rows:
+        lines += ["References (no noise):", "", format_table(ref_rows, ["model", "best_auc", "model_utility",
+                                                                       "retain_loss"]), ""]
+    for r in sweep.get("rows", []):
+        if "skipped" in r:
+            lines += [f"- `{r['variant']}`: not available: {r['skipped']}"]
+    reached = sweep.get("reached_at", {})
+    lines += [f"- `{v}`: target reached at epsilon = {e:g}" if e is not None else f"- `{v}`: target not reached "
+              "at any epsilon of the grid" for v, e in reached.items() if v not in
+              {r["variant"] for r in sweep.get("rows", []) if "skipped" in r}]
+    if plot_name:
+        lines += ["", f"![AUC and utility against epsilon]({plot_name})"]
+    return "\n".join(lines) + "\n"

@@ -13,6 +13,8 @@ examples:
   lmcleaner unlearn trainer=LMCleanerBatch trainer.method_args.K=50 trainer.method_args.hessian_mode=exact \\
       unlearn.model_dir=outputs/run unlearn.forget=forget_ids.txt
   lmcleaner unlearn trainer=replay unlearn.model_dir=outputs/run unlearn.forget=data/forget.jsonl
+  lmcleaner unlearn trainer=LMCleanerSample unlearn.model_dir=outputs/run unlearn.forget=17 \\
+      trainer.method_args.certify.epsilon=1 trainer.method_args.certify.delta=1e-5
 
 keys:
   unlearn.forget          ids (17,203), a file of ids, or a dataset file matched to training rows
@@ -25,7 +27,9 @@ keys:
                           no progress display (a bar with ETA on a terminal, plain lines otherwise)
   trainer=METHOD          a registered method (below), or a YAML file with handler: and method_args:
   trainer.method_args.KEY the method's arguments (below), and for every method:
-                          training_log_dir, apply_immediately, audit_dir, fallback_to_replay
+                          training_log_dir, apply_immediately, audit_dir, fallback_to_replay,
+                          certify.{{epsilon,delta,subspace_rank,bound,assume,seed,...}}: Gaussian noise
+                          for an (epsilon, delta) guarantee (docs/certification.md)
 The run's own training config is read from its trajectory log; only the keys above matter here.
 A received run is data: its trust_remote_code setting is ignored (see --trust-remote-code).
 
@@ -89,6 +93,10 @@ def run(args) -> int:
     if cfg.unlearn.max_error is not None and method == "auto":
         margs["max_error"] = cfg.unlearn.max_error
     method_config(method, margs)  # a bad argument fails before the run is opened
+    if ma.get("certify"):
+        from .certify import certify_config
+
+        certify_config(ma["certify"])
     log_dir = ma.get("training_log_dir")
     run_dir = cfg.unlearn.model_dir or (None if log_dir else cfg.training.output_dir)
     warn_trust("unlearn", args.trust_remote_code)
@@ -100,7 +108,8 @@ def run(args) -> int:
     target = session.reserve_output(out, cfg.unlearn.overwrite)
     try:
         ids = session.resolve(cfg.unlearn.forget)
-        result = session.run(method, ids, fallback_to_replay=bool(ma.get("fallback_to_replay", True)), **margs)
+        result = session.run(method, ids, fallback_to_replay=bool(ma.get("fallback_to_replay", True)),
+                             certify=ma.get("certify"), **margs)
         out = session.save(result, out, ma.get("audit_dir"), apply=bool(ma.get("apply_immediately", True)),
                            reserved=target)
     except BaseException:
@@ -119,5 +128,10 @@ def run(args) -> int:
               "consider trainer=replay (exact)", file=sys.stderr)
     keys = ("method", "K", "hessian_mode", "steps_touched", "correction_norm", "seconds", "grad_equivalents_total",
             "diverged", "retain_loss_before", "retain_loss_after", "fallback_from")
-    print(json.dumps({"output_dir": str(out), "forget_ids": ids, **{k: result.info.get(k) for k in keys}}))
+    cert = result.info.get("certification")
+    if cert:
+        cert = {k: cert.get(k) for k in ("guarantee", "epsilon", "delta", "sigma", "bound", "bound_source",
+                                          "mode", "noise_seed")}
+    print(json.dumps({"output_dir": str(out), "forget_ids": ids, **{k: result.info.get(k) for k in keys},
+                      **({"certification": cert} if cert else {})}))
     return 0

@@ -68,6 +68,7 @@ class CorrectionAudit:
     # gradients: batching k directions costs less than k, a larger model more than 2); None if unmeasured
     grad_equivalents_measured: float | None = None
     hvp_cost_measured: float | None = None  # measured gradients per HVP direction
+    hvp_stats: dict[str, Any] | None = None  # backend counts (low_rank: Lanczos HVPs, refreshes)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -158,6 +159,7 @@ class _Method:
         track_second_moment: bool = True,
         optimizer_map: str = "exact",
         exact_impl: str = "double_backward",
+        hvp_options: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(K, int) or K < 1:
             raise ValueError(f"K must be an integer >= 1 (got {K!r}); use e.g. K=800, or Rollback for no propagation")
@@ -171,6 +173,7 @@ class _Method:
             raise ValueError(f"unknown exact_impl {exact_impl!r}; use one of {EXACT_IMPLS}")
         self.K, self.hessian_mode, self.damping = K, hessian_mode, damping
         self.track_second_moment, self.optimizer_map, self.exact_impl = track_second_moment, optimizer_map, exact_impl
+        self.hvp_options = dict(hvp_options or {})  # backend options (low_rank: rank, refresh, iters)
 
     def _run(
         self,
@@ -192,7 +195,8 @@ class _Method:
         if first is None:
             raise ValueError("steps is empty; pass the replayed steps from the earliest affected step to tau-1")
         fl = FunctionalLM(model, first.params.keys())
-        hvp = make_hvp_backend(self.hessian_mode, fl, diag_provider, self.exact_impl) if self.K > 0 else None
+        hvp = (make_hvp_backend(self.hessian_mode, fl, diag_provider, self.exact_impl, **self.hvp_options)
+               if self.K > 0 else None)
         injector = sample_injector(fl, [forget]) if self.level == "sample" else batch_injector([forget])
         cf_batches = sample_counterfactual_batches([forget]) if self.level == "sample" else None
 
@@ -220,7 +224,7 @@ class _Method:
             correction_norm=norm(delta), n_hvp_calls=st.hvp_calls, n_hvp_vectors=st.hvp_vectors,
             n_grad_evals=n_grad, grad_equivalents=n_grad + st.hvp_vectors * cost,
             hvp_path=st.hvp_path, steps_seen=st.steps_seen, sweeps=st.sweeps,
-            seconds=time.perf_counter() - t0,
+            seconds=time.perf_counter() - t0, hvp_stats=(hvp.describe() or None) if hvp is not None else None,
         )
         measured = hvp.measured_grad_equivalents(fl.seconds_per_row) if hvp is not None else 0.0
         if measured is not None:

@@ -8,7 +8,9 @@ A method is a class registered with :func:`register_method`:
   --help`` lists them);
 - ``run(session, ids, cfg) -> UnlearnResult``: the unlearned state for the
   sample ids (already checked to be used inside the window), nothing written;
-- ``exact``: whether the result equals retraining by construction.
+- ``exact``: whether the result equals retraining by construction;
+- ``certifiable`` (optional, default False): whether the formal residual bound of
+  ``unlearn/certify/bound.py`` applies to its results (``trainer.method_args.certify``).
 
 A new method is one file in ``handlers/`` plus one import line in
 ``handlers/__init__.py``.
@@ -29,7 +31,7 @@ from typing import Any, ClassVar, Protocol
 from .result import UnlearnError, UnlearnResult
 
 SESSION_KEYS = ("training_log_dir", "apply_immediately", "audit_dir", "batch_size_at_training",
-                "fallback_to_replay", "overwrite")
+                "fallback_to_replay", "overwrite", "certify")
 
 
 class UnlearnMethod(Protocol):
@@ -105,7 +107,7 @@ def method_config(method: str | type, args: Mapping[str, Any] | None = None) -> 
         merged = OmegaConf.merge(OmegaConf.structured(cls.Config), given)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        key = getattr(err, "key", None)
+        key = getattr(err, "full_key", None) or getattr(err, "key", None)
         raise UnlearnError(f"bad value for trainer.method_args.{key} of {cls.name}: "
                            f"{str(err).splitlines()[0]}") from None
     check = getattr(cfg, "validate", None)

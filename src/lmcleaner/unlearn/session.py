@@ -37,6 +37,7 @@ from ..train.export import write_model_files
 from ..train.outputs import AtomicDir, check_output, fresh_child, is_within, resolved, save_tensors
 from ..train.trainer import model_fingerprint
 from .audit import append_audit_record, new_request_id, read_audit_records, weights_fingerprint
+from .certify import certify_config, certify_result
 from .forget_set import ForgetSetError, resolve_forget_ids, validate_ids
 from .registry import canonical_method, get_method, method_config
 from .result import UnlearnError, UnlearnResult
@@ -184,15 +185,19 @@ class UnlearnSession:
         return found
 
     # ---------------------------------------------------------------- run
-    def run(self, method: str, ids: list[int], fallback_to_replay: bool = False, **kwargs: Any) -> UnlearnResult:
+    def run(self, method: str, ids: list[int], fallback_to_replay: bool = False, certify: Any = None,
+            **kwargs: Any) -> UnlearnResult:
         """Compute the unlearned state for ``ids`` with ``method`` (nothing is written).
 
         ``kwargs`` are the method's arguments (its ``Config`` in ``unlearn.handlers``;
         unknown names are a one-line error). With ``fallback_to_replay``, a
         correction the divergence guard flags is replaced by exact replay (the
-        audit keeps both: ``fallback_from``)."""
+        audit keeps both: ``fallback_from``). ``certify`` (a mapping or
+        ``CertifyConfig``): add Gaussian noise for an (epsilon, delta) guarantee
+        (``unlearn/certify``), recorded under ``certification``."""
         cls = get_method(method)
         cfg = method_config(cls, kwargs)
+        certify_cfg = certify_config(certify) if certify else None
         used, unused = self.split_used(ids)
         if not used:
             raise UnlearnError(f"samples {unused[:5]} were never used in a recorded training step: nothing to forget")
@@ -215,6 +220,8 @@ class UnlearnSession:
                 result.info["fallback_from"] = first
                 result.info["seconds"] += first["seconds"] or 0.0
                 result.info["grad_equivalents_total"] += first["grad_equivalents_total"] or 0.0
+            if certify_cfg is not None:
+                result = certify_result(self, result, certify_cfg)
         result.info["unused_ids"] = unused
         return result
 

@@ -13,12 +13,24 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Optional
 
 from ..result import UnlearnError, UnlearnResult
 
 log = logging.getLogger("lmcleaner.unlearn")
+
+
+@dataclass
+class LowRankOptions:
+    """``hessian_mode=low_rank`` (``trainer.method_args.low_rank.*``): ``rank`` eigenpairs of
+    the step Hessian from Lanczos, recomputed every ``refresh`` steps, ``iters`` Lanczos block
+    iterations (null: ``2 rank + 10`` directions), ``block`` directions per batched HVP."""
+
+    rank: int = 16
+    refresh: int = 10
+    iters: Optional[int] = None
+    block: int = 4
 
 
 @dataclass
@@ -31,7 +43,8 @@ class PropagationConfig:
     ``d <- d - eta lambda d``; ``optimizer_map``: ``exact`` (the optimizer's own
     map evaluated on the linearised gradient) or ``linear`` (DESIGN's tangents);
     ``exact_impl``: ``double_backward|rev_rev|fwd_rev``;
-    ``track_second_moment=false`` freezes AdamW's ``v`` (a baseline).
+    ``track_second_moment=false`` freezes AdamW's ``v`` (a baseline);
+    ``low_rank``: options of ``hessian_mode=low_rank``.
     """
 
     K: int = 800
@@ -45,6 +58,7 @@ class PropagationConfig:
     carry: str = "frozen"  # propagation=replay, past the window: frozen | momentum | linear
     carry_hessian_mode: str = "exact"  # curvature of carry=linear
     tol: float = 0.0  # propagation=replay: > 0 extends a window until its estimated carry error is <= tol
+    low_rank: LowRankOptions = field(default_factory=LowRankOptions)
 
     def validate(self) -> None:
         if self.K < 1:
@@ -192,7 +206,7 @@ class CorrectionMethod:
         if hessian_mode == "diag":  # the diagonal was paid for at record time: say how much
             audit["record_time_grad_equivalents"] = _diag_record_cost(session, end - start)
         info = {**audit, "method": self.name, "steps_touched": touched, "recovery_steps": recovery,
-                "storage": session.log.storage,
+                "storage": session.log.storage, "optimizer_map": getattr(cfg, "optimizer_map", "exact"),
                 "grad_equivalents_total": audit["grad_equivalents"] + extra,
                 "seconds": seconds, "sweep_range": [start, end], "restored_from": restore, **estimate, **guard}
         if guard["diverged"]:
@@ -226,6 +240,7 @@ class LMCleanerMethod(CorrectionMethod):
     (imported when it runs: registering the methods must not import torch)."""
 
     algorithm_class: ClassVar[str]
+    certifiable: ClassVar[bool] = True  # the formal residual bound applies (unlearn/certify/bound.py)
 
     @dataclass
     class Config(PropagationConfig):
@@ -250,7 +265,7 @@ class LMCleanerMethod(CorrectionMethod):
         theta, _ = session.replayer.state_at(session.tau)
         params, new_state, info = algo.compute(session, ids)
         guard = session.retain_guard(theta, params, ids)
-        info = {**info, "method": self.name, "level": "sample", "hessian_mode": None, **guard}
+        info = {**info, "method": self.name, "level": "sample", "hessian_mode": None, "damping": cfg.damping, **guard}
         return UnlearnResult(self.name, ids, session.tau, params, new_state, info)
 
     def algorithm(self, cfg: PropagationConfig):
@@ -258,4 +273,9 @@ class LMCleanerMethod(CorrectionMethod):
 
         return getattr(methods, self.algorithm_class)(K=cfg.K, hessian_mode=cfg.hessian_mode, damping=cfg.damping,
                               track_second_moment=cfg.track_second_moment, optimizer_map=cfg.optimizer_map,
-                              exact_impl=cfg.exact_impl)
+                              exact_impl=cfg.exact_impl, hvp_options=hvp_options(cfg))
+
+
+def hvp_options(cfg: Any) -> dict[str, Any] | None:
+    """Backend options of the chosen ``hessian_mode`` (only ``low_rank`` has any)."""
+    return asdict(cfg.low_rank) if getattr(cfg, "hessian_mode", None) == "low_rank" else None

@@ -14,6 +14,7 @@ class RollbackMethod(CorrectionMethod):
 
     name = "rollback"
     aliases = ("Rollback",)
+    certifiable = True  # exact first step, then carried: the formal residual bound applies
 
     @dataclass
     class Config:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..registry import register_method
-from ._correction import CorrectionMethod, PropagationConfig
+from ._correction import CorrectionMethod, PropagationConfig, hvp_options
 
 
 @register_method
@@ -22,4 +22,5 @@ class SGDFormulaMethod(CorrectionMethod):
     def algorithm(self, cfg: Config):
         from ..methods import SGDFormula
 
-        return SGDFormula(level=cfg.level, K=cfg.K, hessian_mode=cfg.hessian_mode, damping=cfg.damping)
+        return SGDFormula(level=cfg.level, K=cfg.K, hessian_mode=cfg.hessian_mode, damping=cfg.damping,
+                          hvp_options=hvp_options(cfg))

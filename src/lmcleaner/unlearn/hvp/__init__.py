@@ -4,7 +4,8 @@ A registry of backends, one file each (``hessian_mode`` names them):
 
 - ``exact``: the Hessian of the step loss (double backward by default), ``exact.py``;
 - ``GGN``: generalised Gauss-Newton ``J^T H_out J``, ``ggn.py``;
-- ``diag``: a recorded per-step diagonal, ``diag.py``.
+- ``diag``: a recorded per-step diagonal, ``diag.py``;
+- ``low_rank``: top-r eigenpairs of the step Hessian from Lanczos, refreshed every few steps, ``low_rank.py``.
 
 ``base.py`` holds the protocol (``HVPBackend.hvp(params, batches, normaliser,
 vectors, step=None)``, k directions batched) and ``register_backend``; a new
@@ -25,6 +26,7 @@ from lmcleaner.unlearn.hvp.base import (
 from lmcleaner.unlearn.hvp.diag import DiagHVP
 from lmcleaner.unlearn.hvp.exact import EXACT_COST_IN_GRADS, EXACT_IMPLS, ExactHVP
 from lmcleaner.unlearn.hvp.ggn import GGNHVP
+from lmcleaner.unlearn.hvp.low_rank import LowRankHVP
 
 HESSIAN_MODES = tuple(BACKENDS)
 # gradient evaluations per HVP direction (k = 1), by mode and exact implementation
@@ -52,6 +54,7 @@ __all__ = [
     "DiagProvider",
     "ExactHVP",
     "HVPBackend",
+    "LowRankHVP",
     "make_hvp_backend",
     "register_backend",
 ]

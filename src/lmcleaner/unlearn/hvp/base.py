@@ -70,6 +70,10 @@ class HVPBackend(ABC):
     #: measured cost of one direction in gradient evaluations (k = 1), see ``exact.py``
     cost_in_grads: float = 0.0
 
+    def describe(self) -> dict[str, Any]:
+        """Backend-specific counts and settings for the audit record (none by default)."""
+        return {}
+
     @classmethod
     def build(cls, fl: FunctionalLM, *, diag_provider: DiagProvider | None = None, **options: Any) -> HVPBackend:
         """Construct from the common context; backends override when they need more."""
