@@ -89,6 +89,7 @@ Injector = Callable[[ReplayedStep, Params, Callable[[], Params]], dict[int, Para
 RULES = ("optimizer", "sgd_formula")
 OPTIMIZER_MAPS = ("exact", "linear")
 _CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_
+_SNAP = 1e-5  # relative size below which g + dgrad is float32 rounding of an exact zero
 
 
 @dataclass
@@ -439,6 +440,12 @@ def propagate(
             m0 = stn["exp_avg"].to(wide) if "exp_avg" in stn else torch.zeros_like(gc[n], dtype=wide)
             v0 = stn["exp_avg_sq"].to(wide) if "exp_avg_sq" in stn else torch.zeros_like(gc[n], dtype=wide)
             g_n, dg_n = gc[n].to(wide), dgrad[n].to(wide)
+            if exact_map:
+                # A coordinate only the removed samples touched has counterfactual gradient exactly 0,
+                # but g + e is formed from two float32 sums and leaves rounding noise (~1e-10), which
+                # Adam's m / (sqrt(v) + eps) turns into a sizeable step: snap what is within
+                # rounding of -g to -g (measured: 4e-3 relative error at the first step otherwise).
+                dg_n = torch.where((g_n + dg_n).abs() <= _SNAP * g_n.abs(), -g_n, dg_n)
             t = float(stn["step"]) + 1 if "step" in stn else 1.0
             bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
             m = b1 * m0 + (1 - b1) * g_n
