@@ -17,8 +17,12 @@ class ModelConfig:
     """Which model to fine-tune.
 
     ``name_or_path``: ``"tiny-llama"`` builds the embedded default (a 2-layer
-    Llama from a ``transformers`` config, no download); anything else is passed
-    to ``AutoModelForCausalLM.from_pretrained`` (hub id or local directory).
+    Llama from a ``transformers`` config, no download), ``"tiny-mixtral"`` the
+    same shape as a Mixtral mixture of experts (``num_local_experts``,
+    ``num_experts_per_tok``); a ``*.json`` path is a ``transformers`` config
+    built with fresh seeded weights (tokenizer: the embedded one unless
+    ``tokenizer`` says otherwise); anything else is passed to
+    ``AutoModelForCausalLM.from_pretrained`` (hub id or local directory).
     """
 
     name_or_path: str = "tiny-llama"
@@ -33,6 +37,8 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 256
+    num_local_experts: int = 4  # tiny-mixtral: experts per MoE layer
+    num_experts_per_tok: int = 2  # tiny-mixtral: router top-k
 
 
 @dataclass

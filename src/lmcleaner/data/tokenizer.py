@@ -49,9 +49,10 @@ def embedded_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(name_or_path: str | None, model_name: str = "tiny-llama") -> PreTrainedTokenizerFast:
-    """``embedded`` / ``None`` with the tiny model: the shipped tokenizer; else ``AutoTokenizer``."""
+    """``embedded`` / ``None`` with an embedded tiny model or a model config file: the shipped
+    tokenizer; else ``AutoTokenizer``."""
     name = name_or_path or model_name
-    if name in ("embedded", "tiny-llama"):
+    if name in ("embedded", "tiny-llama", "tiny-mixtral") or (name_or_path is None and str(name).endswith(".json")):
         return embedded_tokenizer()
     tok = AutoTokenizer.from_pretrained(name)
     if tok.pad_token is None:

@@ -7,7 +7,9 @@ counterfactual run goes through exactly the code that trained the model:
   ids in ``excluded`` are dropped and the loss normaliser is recomputed over
   the remaining supervised tokens (DESIGN §3);
 - the step loss is ``sum NLL / N`` with one ``N`` for the whole step, so
-  accumulation and multi-process averaging are exact;
+  accumulation and multi-process averaging are exact; a mixture of experts
+  adds the mean over the step's non-empty micro-batches of their router
+  auxiliary loss (``router.py`` defines both and the counterfactual);
 - the dropout RNG is re-seeded from ``(seed, step, rank)`` so a step can be
   redone alone and removing a sample does not shift later steps' randomness;
 - the applied learning rates are read before ``optimizer.step()``.
@@ -23,7 +25,7 @@ import torch
 from ..data.collate import Collator
 from ..trajectory.types import StepRecord
 from .loss import token_nll_sum
-from .router import compute_router_auxiliary_loss
+from .router import RouterAux
 
 
 class StepObserver(Protocol):
@@ -84,6 +86,11 @@ class Engine:
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
 
+    @property
+    def router_aux(self) -> RouterAux | None:
+        """The router term of the step loss (``None`` for dense models or when switched off)."""
+        return RouterAux.for_model(self.unwrapped, self.training)
+
     def applied_lrs(self) -> list[float]:
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
@@ -92,11 +99,6 @@ def _filter(micro_batches: list[list[int]], excluded: set[int]) -> list[list[int
     if not excluded:
         return [list(mb) for mb in micro_batches]
     return [[i for i in mb if i not in excluded] for mb in micro_batches]
-
-
-def _wants_router_logits(model) -> bool:
-    cfg = getattr(model, "config", None)
-    return bool(cfg is not None and (getattr(cfg, "num_local_experts", 0) or getattr(cfg, "num_experts", 0)))
 
 
 def run_step(engine: Engine, step: int, epoch: int, micro_batches: list[list[int]],
@@ -114,7 +116,8 @@ def run_step(engine: Engine, step: int, epoch: int, micro_batches: list[list[int
 
     engine.model.train()
     engine.optimizer.zero_grad(set_to_none=True)
-    router = t.router_aux_loss and _wants_router_logits(engine.unwrapped)
+    router = engine.router_aux
+    n_micro = sum(1 for mb in kept if mb)  # M+: the router term is a mean over non-empty micro-batches
     batches, nll_total = [], torch.zeros((), dtype=torch.float64)
     for m, ids in enumerate(mine):
         batch = engine.collator([engine.dataset[i] for i in ids])
@@ -124,16 +127,15 @@ def run_step(engine: Engine, step: int, epoch: int, micro_batches: list[list[int
         with ctx:
             inputs = {"input_ids": batch["input_ids"].to(acc.device),
                       "attention_mask": batch["attention_mask"].to(acc.device)}
-            if router:
+            if router is not None:
                 inputs["output_router_logits"] = True
             out = engine.model(**inputs, use_cache=False)
             nll = token_nll_sum(out.logits, batch["labels"].to(acc.device))
             # DDP averages over ranks; multiplying by the world size turns that into a sum.
             loss = nll * (ws / normaliser) if normaliser > 0 else nll * 0.0
-            if router and getattr(out, "router_logits", None) is not None:
-                aux = compute_router_auxiliary_loss(out.router_logits, t.load_balance_coef, t.auxiliary_coef,
-                                                    t.z_loss_coef)["total"]
-                loss = loss + aux * (ws / len(mine))
+            if router is not None and ids and getattr(out, "router_logits", None) is not None:
+                # DDP averages over ranks: ws / M+ per micro-batch makes the step's term sum_b A_b / M+
+                loss = loss + router.loss(out.router_logits, batch) * (ws / n_micro)
             acc.backward(loss)
         nll_total += nll.detach().double().cpu()
 

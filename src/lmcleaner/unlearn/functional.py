@@ -13,8 +13,32 @@ weights and vanishes (DESIGN trap). All curvature and propagation arithmetic
 therefore runs in float32 even for a bf16 model; frozen bf16 weights are
 upcast once (a float32 copy; no copy when the model is already float32).
 
-The step loss is exactly the trainer's (``train.loss``):
-``sum over micro-batches of token_nll_sum(logits, labels) / normaliser``.
+The step loss is exactly the trainer's (``train.loss``, ``train.router``):
+``sum over micro-batches of token_nll_sum(logits, labels) / normaliser``, plus,
+for a mixture of experts trained with router losses, the mean over the step's
+non-empty micro-batches of their router auxiliary loss ``A(B)``.
+
+Mixture of experts (``router``, a ``train.router.RouterAux``). With ``N`` the
+supervised tokens of the step, ``N~ = max(N, 1)``, ``M+`` the micro-batches
+holding a sample and ``S_b`` the NLL sum of micro-batch ``B_b``::
+
+    L_t = (1/N~) sum_b l_b,    l_b = S_b + (N~ / M+) A(B_b)
+
+(``micro_objective``; ``A`` is 0 for a micro-batch without samples, and with
+no router ``l_b = S_b``). Gradients and exact/GGN curvature are sums over
+micro-batches of ``l_b``'s, divided once by ``N~``. The counterfactual step
+loss without a forget set ``Z`` recomputes ``N'``, ``M+'`` and each
+``A(B_b \\ Z)`` over the rows left (``train.router`` docstring), so the
+injection is, per micro-batch with kept rows ``K_b`` and removed rows ``R_b``::
+
+    e = sum_b [ a grad S(K_b) - grad S(R_b) / N
+                + grad A(K_b) / M+' - grad A(K_b + R_b) / M+ ]
+
+with ``a = 1/N' - 1/N`` (``-1/N`` when nothing supervised is left) and the
+``A(K_b)`` term absent for emptied micro-batches. ``A(K_b + R_b)`` is formed
+from the router logits of the two row subsets evaluated separately (a token's
+routing depends on its own row only), so each row still goes through one
+forward and one backward.
 """
 
 from __future__ import annotations
@@ -29,6 +53,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmcleaner.train.loss import count_supervised, token_nll_sum
+from lmcleaner.train.router import RouterAux, count_nonempty, has_samples, real_token_mask
 
 Params = dict[str, torch.Tensor]
 Batch = dict[str, torch.Tensor]
@@ -52,11 +77,14 @@ class FunctionalLM:
 
     ``trainable`` are the names of the parameters the optimizer updates (the
     keys of ``ReplayedStep.params``); every other floating parameter or buffer
-    is held fixed and, if not float32, upcast once.
+    is held fixed and, if not float32, upcast once. ``router``: the run's
+    router term (``RouterAux.for_model(model, training_config)``; ``None`` for
+    dense models), part of every loss, gradient and curvature below.
     """
 
-    def __init__(self, model: nn.Module, trainable: Iterable[str]) -> None:
+    def __init__(self, model: nn.Module, trainable: Iterable[str], router: RouterAux | None = None) -> None:
         self.model = model
+        self.router = router
         self.trainable = list(trainable)
         known = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         missing = [n for n in self.trainable if n not in known]
@@ -74,19 +102,40 @@ class FunctionalLM:
         self._extra = {"use_cache": False} if hasattr(config, "use_cache") else {}
 
     # -- forward -----------------------------------------------------------
+    def forward(self, params: Params, batch: Batch) -> tuple[torch.Tensor, tuple | None]:
+        """(float32 logits, router logits per layer or ``None``) of one micro-batch at ``params``."""
+        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), **self._extra}
+        if self.router is not None:
+            kwargs["output_router_logits"] = True
+        out = functional_call(self.model, {**self.frozen, **params}, (), kwargs)
+        logits = (out.logits if hasattr(out, "logits") else out).float()
+        router_logits = getattr(out, "router_logits", None) if self.router is not None else None
+        if self.router is not None and router_logits is None:
+            raise ValueError("the model returned no router logits although the run trained with router losses")
+        return logits, (tuple(router_logits) if router_logits is not None else None)
+
     def logits(self, params: Params, batch: Batch) -> torch.Tensor:
         """float32 logits of one micro-batch at ``params``."""
-        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), **self._extra}
-        out = functional_call(self.model, {**self.frozen, **params}, (), kwargs)
-        return (out.logits if hasattr(out, "logits") else out).float()
+        return self.forward(params, batch)[0]
 
     def nll_sum(self, params: Params, batch: Batch) -> torch.Tensor:
         return token_nll_sum(self.logits(params, batch), batch["labels"])
 
+    def micro_objective(self, params: Params, batch: Batch, scale: float, n_micro: int) -> torch.Tensor:
+        """``l_b = S_b + (scale / M+) A(B_b)`` (module docstring); ``S_b`` alone without a router."""
+        if self.router is None:
+            return self.nll_sum(params, batch)
+        logits, router_logits = self.forward(params, batch)
+        nll = token_nll_sum(logits, batch["labels"])
+        if n_micro <= 0 or not has_samples(batch):
+            return nll
+        return nll + (scale / n_micro) * self.router.loss(router_logits, batch)
+
     def loss(self, params: Params, batches: list[Batch], normaliser: float) -> torch.Tensor:
-        """The step loss: summed token NLL over all micro-batches / one normaliser."""
-        total = sum(self.nll_sum(params, b) for b in batches)
-        return total / normaliser
+        """The step loss: summed token NLL over all micro-batches / one normaliser (+ the router term)."""
+        scale, m = step_scale(normaliser), count_nonempty(batches)
+        total = sum(self.micro_objective(params, b, scale, m) for b in batches)
+        return total / scale
 
     def grad_nll_sum(self, params: Params, batches: list[Batch]) -> Params:
         """Gradient of the *unnormalised* NLL sum over ``batches`` (zeros if empty).
@@ -101,11 +150,19 @@ class FunctionalLM:
         return out
 
     def grad(self, params: Params, batches: list[Batch], normaliser: float) -> Params:
-        """Gradient of the step loss (zeros when nothing is supervised)."""
-        g = self.grad_nll_sum(params, batches)
-        if normaliser <= 0:
-            return g
-        return {n: t / normaliser for n, t in g.items()}
+        """Gradient of the step loss (zeros when nothing is supervised and there is no router term)."""
+        if self.router is None:
+            g = self.grad_nll_sum(params, batches)
+            if normaliser <= 0:
+                return g
+            return {n: t / normaliser for n, t in g.items()}
+        scale, m = step_scale(normaliser), count_nonempty(batches)
+        out = {n: torch.zeros_like(p) for n, p in params.items()}
+        for b in batches:
+            g = torch.func.grad(self.micro_objective)(params, b, scale, m)
+            for n in out:
+                out[n] += g[n]
+        return {n: t / scale for n, t in out.items()}
 
     @contextlib.contextmanager
     def curvature_mode(self) -> Iterator[None]:
@@ -117,6 +174,9 @@ class FunctionalLM:
           implements neither forward-mode AD nor double backward (measured).
         - attention implementations other than eager/sdpa (flash-attention,
           flex) are switched to ``eager`` and restored afterwards.
+        - mixture-of-experts layers run their ``eager`` experts loop (the
+          grouped-matmul kernel has no forward-mode AD, measured with torch
+          2.13), restored afterwards.
         """
         model = self.model
         was_training = model.training
@@ -132,6 +192,10 @@ class FunctionalLM:
             log.info("switching attention %r -> 'eager' for curvature", impl)
             model.set_attn_implementation("eager")
             switched = True
+        experts = getattr(config, "_experts_implementation", None)
+        switch_experts = experts not in (None, "eager") and hasattr(model, "set_experts_implementation")
+        if switch_experts:
+            model.set_experts_implementation("eager")
         model.eval()
         try:
             with sdpa_kernel([SDPBackend.MATH]):
@@ -139,6 +203,8 @@ class FunctionalLM:
         finally:
             if switched:
                 model.set_attn_implementation(impl)
+            if switch_experts:
+                model.set_experts_implementation(experts)
             model.train(was_training)
 
 
@@ -162,6 +228,11 @@ def split_rows(batches: list[Batch], forget: set[int]) -> tuple[list[Batch], lis
     return kept, removed
 
 
+def step_scale(normaliser: float) -> float:
+    """``N~ = max(N, 1)``: the one division of the step loss (``S_b`` is 0 when ``N`` is)."""
+    return float(normaliser) if normaliser > 0 else 1.0
+
+
 def supervised(batches: list[Batch]) -> int:
     """Supervised tokens over micro-batches (the normaliser of their step loss)."""
     return sum(count_supervised(b["labels"]) for b in batches)
@@ -179,6 +250,8 @@ def removal_injection(
     nothing remains): the same quantity as two full gradient evaluations, for
     the cost of one, since each row is differentiated once.
     """
+    if fl.router is not None:
+        return _removal_injection_router(fl, params, batches, forget, normaliser)
     kept, removed = split_rows(batches, forget)
     if not removed or normaliser <= 0:
         return {n: torch.zeros_like(p) for n, p in params.items()}
@@ -187,6 +260,59 @@ def removal_injection(
     g_drop = fl.grad_nll_sum(params, removed)
     a = (1.0 / n_keep - 1.0 / normaliser) if n_keep > 0 else -1.0 / normaliser
     return {n: a * g_keep[n] - g_drop[n] / normaliser for n in params}
+
+
+def _rows(b: Batch, mask: torch.Tensor) -> Batch | None:
+    if not mask.any():
+        return None
+    rows = mask.shape[0]
+    return {k: (v[mask] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else v) for k, v in b.items()}
+
+
+def _removal_injection_router(fl: FunctionalLM, params: Params, batches: list[Batch], forget: set[int],
+                              normaliser: int) -> Params:
+    """``removal_injection`` with the router term (module docstring), micro-batch by micro-batch."""
+    router = fl.router
+    pairs: list[tuple[Batch | None, Batch | None]] = []
+    for b in batches:
+        ids = b["sample_ids"]
+        drop = torch.tensor([int(i) in forget for i in ids.tolist()], dtype=torch.bool)
+        pairs.append((_rows(b, ~drop & (ids >= 0)), _rows(b, drop)))
+    out = {n: torch.zeros_like(p) for n, p in params.items()}
+    if not any(r is not None for _, r in pairs):
+        return out
+    n, m = normaliser, count_nonempty(batches)
+    n_keep = sum(count_supervised(k["labels"]) for k, _ in pairs if k is not None)
+    m_keep = sum(1 for k, _ in pairs if k is not None)
+    a = 0.0 if n <= 0 else ((1.0 / n_keep - 1.0 / n) if n_keep > 0 else -1.0 / n)
+    untouched_aux = (1.0 / m_keep if m_keep else 0.0) - 1.0 / m  # 0 unless a micro-batch was emptied
+
+    def objective(p: Params, kept: Batch | None, removed: Batch | None) -> torch.Tensor:
+        total = torch.zeros(())
+        parts = []
+        if kept is not None:
+            logits, rl = fl.forward(p, kept)
+            total = total + a * token_nll_sum(logits, kept["labels"])
+            parts.append((rl, real_token_mask(kept)))
+        if removed is None:
+            return total + untouched_aux * router.loss(parts[0][0], kept) if untouched_aux else total
+        logits, rl = fl.forward(p, removed)
+        if n > 0:
+            total = total - token_nll_sum(logits, removed["labels"]) / n
+        parts.append((rl, real_token_mask(removed)))
+        if kept is not None:
+            total = total + router.loss(parts[0][0], kept) / m_keep
+        return total - router.loss_of_parts(parts) / m
+
+    for kept, removed in pairs:
+        if kept is None and removed is None:
+            continue
+        if removed is None and a == 0.0 and not untouched_aux:
+            continue
+        g = torch.func.grad(objective)(params, kept, removed)
+        for name in out:
+            out[name] += g[name]
+    return out
 
 
 def check_normaliser(batches: list[Batch], normaliser: int, step: int) -> None:

@@ -79,6 +79,8 @@ class UnlearnSession:
         # The methods evaluate losses functionally; give them their own module so
         # replay (which mutates the engine's parameters) cannot interfere.
         self.template = copy.deepcopy(self.trainer.engine.unwrapped)
+        # A mixture of experts trained with router losses: they are part of the step loss.
+        self.router_aux = self.trainer.engine.router_aux
 
     # ------------------------------------------------------------ requests
     def resolve(self, forget: Any) -> list[int]:

@@ -69,7 +69,8 @@ class HVPBackend(ABC):
         k = next(iter(vectors.values())).shape[0]
         self.calls += 1
         self.vectors += k
-        if normaliser <= 0:  # nothing supervised: the step loss is identically 0
+        fl = getattr(self, "fl", None)
+        if normaliser <= 0 and getattr(fl, "router", None) is None:  # nothing supervised: the step loss is 0
             return {n: torch.zeros_like(v) for n, v in vectors.items()}
         # the CPU flash SDPA kernel supports neither forward-mode AD nor double backward
         with sdpa_kernel([SDPBackend.MATH]):
