@@ -160,11 +160,17 @@ class UnlearnTrainerConfig:
 
 @dataclass
 class UnlearnConfig:
-    """What to forget and where to write the result."""
+    """What to forget and where to write the result.
+
+    ``export``: ``merged`` writes a ``from_pretrained`` model directory (LoRA
+    merged into the base); ``adapter`` (LoRA runs only) writes the unlearned
+    LoRA adapter for ``peft.PeftModel.from_pretrained(base, dir)``.
+    """
 
     forget: Any = None  # list of ids, "17,203", a file of ids, or a dataset file matched to training rows
     model_dir: Optional[str] = None  # trained run dir (default: training.output_dir)
     output_dir: Optional[str] = None  # default: <run>/unlearned-<method>
+    export: str = "merged"  # merged | adapter (LoRA runs)
 
 
 @dataclass

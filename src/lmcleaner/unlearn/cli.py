@@ -18,6 +18,8 @@ keys:
   unlearn.forget          ids (17,203), a file of ids, or a dataset file matched to training rows
   unlearn.model_dir       the trained run (default: training.output_dir)
   unlearn.output_dir      where the unlearned model goes (default: <run>/unlearned-<method>)
+  unlearn.export          merged (from_pretrained model, default) | adapter (LoRA runs: the unlearned
+                          adapter for peft.PeftModel.from_pretrained(base, dir))
   trainer=METHOD          a registered method (below), or a YAML file with handler: and method_args:
   trainer.method_args.KEY the method's arguments (below), and for every method:
                           training_log_dir, apply_immediately, audit_dir, fallback_to_replay
@@ -71,10 +73,12 @@ def run(args) -> int:
     log_dir = ma.get("training_log_dir")
     run_dir = cfg.unlearn.model_dir or (None if log_dir else cfg.training.output_dir)
     session = UnlearnSession(run_dir, log_dir)
+    session.check_export(cfg.unlearn.export)  # before any work
     ids = session.resolve(cfg.unlearn.forget)
     result = session.run(method, ids, fallback_to_replay=bool(ma.get("fallback_to_replay", True)), **args)
     out = Path(cfg.unlearn.output_dir) if cfg.unlearn.output_dir else session.run_dir / f"unlearned-{method}"
-    session.save(result, out, ma.get("audit_dir"), apply=bool(ma.get("apply_immediately", True)))
+    session.save(result, out, ma.get("audit_dir"), apply=bool(ma.get("apply_immediately", True)),
+                 export=cfg.unlearn.export)
     if result.info.get("fallback_from"):
         print(f"lmcleaner unlearn: warning: {method} diverged (retain loss "
               f"{result.info['fallback_from']['retain_loss_after']:.3f}); the result is exact replay instead "

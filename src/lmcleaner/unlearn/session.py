@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..train.export import export_model
+from ..train.export import export_adapter, export_model, is_adapter_model
 from ..train.trainer import model_fingerprint
 from .audit import append_audit_record, new_request_id, weights_fingerprint
 from .forget_set import ForgetSetError, resolve_forget_ids, validate_ids
@@ -177,16 +177,31 @@ class UnlearnSession:
         model.load_state_dict(params, strict=False)
         return model
 
+    def check_export(self, export: str) -> None:
+        """``merged`` always works; ``adapter`` needs a LoRA run (one-line error otherwise)."""
+        if export not in ("merged", "adapter"):
+            raise UnlearnError(f"unknown unlearn.export={export!r}: choose merged or adapter")
+        if export == "adapter" and not is_adapter_model(self.template):
+            raise UnlearnError("unlearn.export=adapter needs a LoRA run (trained with lora.enabled=true); "
+                               "use unlearn.export=merged")
+
     def save(self, result: UnlearnResult, out_dir: str | Path, audit_dir: str | Path | None = None,
-             request_id: str | None = None, apply: bool = True) -> Path:
-        """Write the unlearned model (or only the correction) and the audit record."""
+             request_id: str | None = None, apply: bool = True, export: str = "merged") -> Path:
+        """Write the unlearned model (or only the correction) and the audit record.
+
+        ``export="adapter"`` (LoRA runs) writes the unlearned adapter for
+        ``peft.PeftModel.from_pretrained(base, out_dir)`` instead of the merged model."""
+        self.check_export(export)
         out_dir = Path(out_dir)
         before = weights_fingerprint(self.replayer.state_at(self.tau)[0])
         after = weights_fingerprint(result.params)
         if before == after:
             raise UnlearnError("the unlearned weights equal the original ones bit for bit: refusing to write a "
                                "no-op result (check the forget ids and the method)")
-        if apply:
+        if apply and export == "adapter":
+            export_adapter(self.model_with(result.params), self.trainer.tokenizer, out_dir,
+                           self.trainer.t.save_precision, base_model=self.trainer.config.model.name_or_path)
+        elif apply:
             export_model(self.model_with(result.params), self.trainer.tokenizer, out_dir,
                          self.trainer.t.save_precision)
         else:
@@ -199,7 +214,7 @@ class UnlearnSession:
         record = {
             "request_id": request_id or new_request_id(), "forget_ids": result.forget_ids, "tau": result.tau,
             "source_run": str(self.run_dir), "training_log_dir": str(self.log_dir), "output_dir": str(out_dir),
-            "applied": apply, "fingerprint_before": before, "fingerprint_after": after,
+            "applied": apply, "export": export if apply else None, "fingerprint_before": before, "fingerprint_after": after,
             "dataset_fingerprint": self.trainer.dataset.fingerprint, **_jsonable(result.info),
         }
         append_audit_record(Path(audit_dir) if audit_dir else out_dir / "audit", record)
