@@ -1,4 +1,4 @@
-"""``lmcleaner`` command line: train, lr-find, unlearn, retrain, eval, inspect, demo.
+"""``lmcleaner`` command line: train, lr-find, unlearn, retrain, eval, inspect, demo, plan.
 
 Config-driven commands take Hydra-style overrides after the command
 (``lmcleaner train training.max_steps=50 model=tiny-llama``) and an optional
@@ -36,6 +36,7 @@ PLUGINS = {
     "unlearn": "lmcleaner.unlearn.cli",
     "retrain": "lmcleaner.unlearn.cli_retrain",
     "demo": "lmcleaner.cli.demo",
+    "plan": "lmcleaner.plan.cli",
 }
 
 
