@@ -85,7 +85,7 @@ def test_plan_cli_json_and_table_for_llama_1b(capsys):
     assert abs(plan["storage"]["checkpoint"]["total"] / (12 * 1_235_814_400) - 1) < 0.001
     assert plan["requests"][0]["replay"]["grad_equivalents"] == 50  # from checkpoint 1950 to 2000
     assert plan["requests"][1]["in_window"] is False  # older than the 1000-step window
-    assert main([*args, "lora.enabled=true", "lora.r=16"]) == 0
+    assert main(["plan", "lora.enabled=true", *args[1:], "lora.r=16"]) == 0  # options and overrides intermixed
     table = capsys.readouterr().out
     assert "1,703,936 in 64 tensors (LoRA r=16)" in table and "one checkpoint" in table
 

@@ -20,6 +20,21 @@ Sizes use the encoders the trainer and the recorder use; costs follow DESIGN §3
 HVP cost (gradient-equivalents: one training step = 1)."""
 
 
+class _Intermixed(argparse.ArgumentParser):
+    """Options and ``key=value`` overrides in any order (``--model X lora.r=16 --samples 10``)."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:  # parse_known_intermixed_args calls back into parse_known_args
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 def register(sub) -> None:
     from ..plan.known import KNOWN_CONFIGS  # a plain dict, no heavy import
 
@@ -42,6 +57,7 @@ def register(sub) -> None:
     p.add_argument("--config", help="YAML file merged over the defaults (before the overrides)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, as for `lmcleaner train`")
     p.set_defaults(func=run)
+    p.__class__ = _Intermixed
 
 
 def _overrides(args) -> list[str]:
