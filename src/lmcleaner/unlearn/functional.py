@@ -100,11 +100,15 @@ class FunctionalLM:
                 self.frozen[n] = t.detach().to(COMPUTE_DTYPE)
         config = getattr(model, "config", None)
         self._extra = {"use_cache": False} if hasattr(config, "use_cache") else {}
+        # batches are collated on the CPU; the model may live on an accelerator
+        self.device = next(iter(model.parameters())).device
 
     # -- forward -----------------------------------------------------------
     def forward(self, params: Params, batch: Batch) -> tuple[torch.Tensor, tuple | None]:
         """(float32 logits, router logits per layer or ``None``) of one micro-batch at ``params``."""
-        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), **self._extra}
+        mask = batch.get("attention_mask")
+        kwargs = {"input_ids": batch["input_ids"].to(self.device),
+                  "attention_mask": mask.to(self.device) if mask is not None else None, **self._extra}
         if self.router is not None:
             kwargs["output_router_logits"] = True
         out = functional_call(self.model, {**self.frozen, **params}, (), kwargs)

@@ -306,7 +306,7 @@ def propagate(
             continue
         stats.steps_processed += 1
         check_normaliser(st.batches, st.record.normaliser, s)
-        idx = torch.tensor(active)
+        idx = torch.tensor(active, device=params[next(iter(params))].device)  # index on the tensors' device
         d = cols.take("d", idx)
 
         # curvature for columns that already carry a deviation
@@ -315,7 +315,7 @@ def propagate(
         if need:
             if hvp is None:
                 raise ValueError("propagation needs an HVP backend (K > 0)")
-            sub = torch.tensor(need)
+            sub = torch.tensor(need, device=idx.device)
             out = hvp.hvp(params, st.batches, st.record.normaliser,
                           {n: t.index_select(0, sub) for n, t in d.items()}, step=s)
             for n in hd:

@@ -157,7 +157,9 @@ class UnlearnSession:
         rows = [i for i in range(len(self.trainer.dataset)) if i not in forget][:GUARD_ROWS]
         model = self.model_with(params).eval()
         batch = Collator(self.trainer.dataset.pad_token_id)([self.trainer.dataset[i] for i in rows])
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        dev = next(model.parameters()).device
+        out = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                    use_cache=False)
         n = int((batch["labels"][:, 1:] != -100).sum())
         return float(token_nll_sum(out.logits, batch["labels"])) / max(n, 1)
 

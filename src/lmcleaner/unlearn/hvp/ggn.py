@@ -58,7 +58,7 @@ class GGNHVP(HVPBackend):
             out, pullback = vjp(f, params)
             z = out[0] if with_router else out
             prob = z.detach().softmax(-1)
-            mask = (shift_labels(b["labels"]) != IGNORE_INDEX).unsqueeze(-1).to(prob.dtype)
+            mask = (shift_labels(b["labels"].to(prob.device)) != IGNORE_INDEX).unsqueeze(-1).to(prob.dtype)
             r0 = tuple(t.detach() for t in out[1]) if with_router else None
 
             def aux_of(r, b: Batch = b):
