@@ -16,11 +16,12 @@ import sys
 OVERRIDES_HELP = """\
 overrides (Hydra grammar, applied after --config):
   key=value            set a value, e.g. training.max_steps=200 training.optimizer=sgd
-  model=NAME|FILE      model preset from the package (tiny-llama, micro-llama) or a YAML file
+  model=NAME|FILE      model preset from the package (tiny-llama, micro-llama, tiny-mixtral) or a YAML file
   trainer=NAME|FILE    unlearning preset (LMCleanerBatch, LMCleanerSample, replay, rollback,
                        sgd_formula, GradAscent) or a YAML file
 common keys:
-  model.name_or_path   "tiny-llama" (embedded, offline) or a HF id / local dir
+  model.name_or_path   "tiny-llama" (embedded, offline), a transformers config .json (fresh weights),
+                       or a HF id / local dir
   training.dataset_name  "embedded" or a json/jsonl/csv/parquet path or a hub dataset
   training.{max_steps,num_epochs,batch_size,gradient_accumulation_steps,learning_rate,
             optimizer,scheduler,warmup_steps,max_grad_norm,mixed_precision,output_dir,
