@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             g = median_seconds(lambda: fl.grad(params, batches, n), s["hvp_repeats"])
             for mode in ("exact", "GGN"):
                 backend = make_hvp_backend(mode, fl)
-                h = median_seconds(lambda: backend.hvp(params, batches, n, v), s["hvp_repeats"])
+                h = median_seconds(lambda backend=backend: backend.hvp(params, batches, n, v), s["hvp_repeats"])
                 out[f"{mode}_hvp_seconds"] = h
                 out[f"{mode}_hvp_over_grad"] = h / g
         out["grad_seconds"] = g

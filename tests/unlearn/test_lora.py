@@ -35,7 +35,7 @@ def lora_run(tmp_path_factory):
 
 
 def test_lora_storage_and_hvps_cover_only_the_adapter(lora_run, monkeypatch):
-    cfg, run_dir, adapter, total = lora_run
+    _, run_dir, adapter, total = lora_run
     n_adapter = sum(adapter.values())
     assert all("lora_" in n for n in adapter) and n_adapter < total / 10
     ckpts = list_checkpoints(run_dir)

@@ -104,11 +104,11 @@ def format_table(plan: dict) -> str:
         + (f" ({m['active_parameters']:,} active: top-{m['top_k']} of {m['experts']} experts)" if m["experts"] else "")
         + f"; trained: {m['trainable_parameters']:,} in {m['trainable_tensors']} tensors"
         + (f" (LoRA r={r['lora_r']})" if r["lora_r"] else "") + f"; weights {m['param_dtype']}; {r['optimizer']}",
-        f"  run: {r['samples']:,} samples, global batch {r['global_batch']} ({r['batch_size']} x "
-        f"{r['gradient_accumulation_steps']} accumulation x {r['world_size']} ranks), {r['steps']:,} steps "
-        f"({r['epochs']:.2f} epochs), {r['seq_len']} tokens/row",
-        f"  recorder: storage={r['storage']}, window {r['window']:,} steps, checkpoint every "
-        f"{r['checkpoint_interval']} steps",
+        (f"  run: {r['samples']:,} samples, global batch {r['global_batch']} ({r['batch_size']} x "
+         f"{r['gradient_accumulation_steps']} accumulation x {r['world_size']} ranks), {r['steps']:,} steps "
+         f"({r['epochs']:.2f} epochs), {r['seq_len']} tokens/row"),
+        (f"  recorder: storage={r['storage']}, window {r['window']:,} steps, checkpoint every "
+         f"{r['checkpoint_interval']} steps"),
         "",
         "storage (1 kB = 1000 B)",
     ]
@@ -124,8 +124,8 @@ def format_table(plan: dict) -> str:
     rows.append(("total on disk at the end", s["total"]))
     width = max(len(k) for k, _ in rows) + 2
     lines += [f"  {k:<{width}}{human(v):>10}" for k, v in rows]
-    lines += ["", "unlearning one sample used once, `age` steps before the end (gradient-equivalents, "
-                  "1 = one training step)"]
+    lines += ["", ("unlearning one sample used once, `age` steps before the end (gradient-equivalents, "
+                   "1 = one training step)")]
     head = f"  {'age':>7} {'step':>7} {'restore':>8} {'replay':>9} {'LMCleaner':>10}  {'ratio':>6}  detail"
     lines.append(head)
     for q in plan["requests"]:

@@ -17,7 +17,13 @@ from pathlib import Path
 
 import torch
 
-from ..train.model import EMBEDDED_CONFIGS, apply_lora, is_config_file, load_config_file, torch_dtype
+from ..train.model import (
+    EMBEDDED_CONFIGS,
+    apply_lora,
+    is_config_file,
+    load_config_file,
+    torch_dtype,
+)
 from .known import known_config, known_names
 
 

@@ -38,19 +38,19 @@ def is_config_file(name_or_path: str) -> bool:
 
 
 def _common(mcfg, vocab_size: int, tokenizer) -> dict:
-    return dict(
-        vocab_size=vocab_size,
-        hidden_size=mcfg.hidden_size,
-        intermediate_size=mcfg.intermediate_size,
-        num_hidden_layers=mcfg.num_hidden_layers,
-        num_attention_heads=mcfg.num_attention_heads,
-        num_key_value_heads=mcfg.num_key_value_heads,
-        max_position_embeddings=mcfg.max_position_embeddings,
-        bos_token_id=getattr(tokenizer, "bos_token_id", None),
-        eos_token_id=getattr(tokenizer, "eos_token_id", None),
-        pad_token_id=getattr(tokenizer, "pad_token_id", None),
-        tie_word_embeddings=False,
-    )
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": mcfg.hidden_size,
+        "intermediate_size": mcfg.intermediate_size,
+        "num_hidden_layers": mcfg.num_hidden_layers,
+        "num_attention_heads": mcfg.num_attention_heads,
+        "num_key_value_heads": mcfg.num_key_value_heads,
+        "max_position_embeddings": mcfg.max_position_embeddings,
+        "bos_token_id": getattr(tokenizer, "bos_token_id", None),
+        "eos_token_id": getattr(tokenizer, "eos_token_id", None),
+        "pad_token_id": getattr(tokenizer, "pad_token_id", None),
+        "tie_word_embeddings": False,
+    }
 
 
 def tiny_llama_config(mcfg, vocab_size: int, tokenizer=None) -> LlamaConfig:

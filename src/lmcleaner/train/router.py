@@ -145,7 +145,7 @@ class RouterAux:
     z_loss_coef: float
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, training) -> "RouterAux | None":
+    def for_model(cls, model: torch.nn.Module, training) -> RouterAux | None:
         """``None`` unless ``model`` is a mixture of experts and ``training.router_aux_loss`` is on.
 
         ``top_k`` is the model config's ``num_experts_per_tok``; ``training``

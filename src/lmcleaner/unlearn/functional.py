@@ -53,7 +53,12 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmcleaner.train.loss import count_supervised, token_nll_sum
-from lmcleaner.train.router import RouterAux, count_nonempty, has_samples, real_token_mask
+from lmcleaner.train.router import (
+    RouterAux,
+    count_nonempty,
+    has_samples,
+    real_token_mask,
+)
 
 Params = dict[str, torch.Tensor]
 Batch = dict[str, torch.Tensor]

@@ -12,7 +12,6 @@ semi-definite, so with router losses the GGN is no longer guaranteed PSD.
 
 from __future__ import annotations
 
-import torch
 from torch.func import grad, jvp, vjp
 
 from lmcleaner.train.loss import IGNORE_INDEX, shift_labels
@@ -51,7 +50,7 @@ class GGNHVP(HVPBackend):
         for b in batches:
             with_router = router is not None and m > 0 and has_samples(b)
 
-            def f(p: Params, b: Batch = b):
+            def f(p: Params, b: Batch = b, with_router: bool = with_router):
                 logits, router_logits = self.fl.forward(p, b)
                 return (logits, router_logits) if with_router else logits
 
@@ -64,7 +63,8 @@ class GGNHVP(HVPBackend):
             def aux_of(r, b: Batch = b):
                 return router.loss(r, b)
 
-            def one(v: Params, b: Batch = b) -> Params:
+            def one(v: Params, f=f, prob=prob, mask=mask, pullback=pullback, r0=r0, aux_of=aux_of,
+                    with_router=with_router) -> Params:
                 jv = jvp(f, (params,), (v,))[1]
                 jz = jv[0] if with_router else jv
                 u = (prob * jz - prob * (prob * jz).sum(-1, keepdim=True)) * mask
