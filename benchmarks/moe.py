@@ -6,7 +6,8 @@ z-loss 0.01; for each forget set, the exact retrain (the oracle, equal to
 replay bit for bit) and LMCleanerSampleLevel (exact HVP, full window) twice:
 with the router term in injection and curvature (what unlearning does), and
 with the NLL only (what it did before). Relative parameter error
-``||theta_hat - theta_retrain|| / ||theta - theta_retrain||`` (1 = doing nothing).
+``||theta_hat - theta_retrain|| / ||theta - theta_retrain||`` (1 = doing nothing),
+next to the method's own ``estimated_error`` (``unlearn.handlers._correction``).
 
     python benchmarks/moe.py --json bench_out/moe.json
 """
@@ -56,14 +57,19 @@ def main() -> int:
                 oracle_trainer = Trainer(retrain_config(root / "run", forget, root / f"retrain{j}"))
                 oracle_trainer.train()
                 oracle = {n: p.detach().clone() for n, p in oracle_trainer.engine.trainable().items()}
-                with_router = rel(s.run("LMCleanerSampleLevel", forget, hessian_mode="exact").params, theta, oracle)
+                res = s.run("LMCleanerSampleLevel", forget, hessian_mode="exact")
+                with_router = rel(res.params, theta, oracle)
                 router, s.router_aux = s.router_aux, None
                 nll_only = rel(s.run("LMCleanerSampleLevel", forget, hessian_mode="exact").params, theta, oracle)
                 s.router_aux = router
-                rows.append({"run": name, "forget": forget, "with_router_losses": with_router, "nll_only": nll_only})
-    print("| run | forget | LMCleaner, router losses included | NLL only |\n|---|---|---:|---:|")
+                rows.append({"run": name, "forget": forget, "with_router_losses": with_router, "nll_only": nll_only,
+                             "estimated_error": res.info.get("estimated_error"),
+                             "diverged": bool(res.info.get("diverged"))})
+    print("| run | forget | LMCleaner, router losses included | its estimated error | NLL only |\n"
+          "|---|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['run']} | {r['forget']} | {r['with_router_losses']:.3f} | {r['nll_only']:.3f} |")
+        est = "-" if r["estimated_error"] is None else f"{r['estimated_error']:.3f}"
+        print(f"| {r['run']} | {r['forget']} | {r['with_router_losses']:.3f} | {est} | {r['nll_only']:.3f} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -25,7 +25,8 @@ What it does (defaults in brackets):
 4. The exact-retrain oracle (same order, RNG and schedule without the forget
    rows), then LMCleaner sample level (exact HVP, full window and one
    truncated window K), exact replay, rollback (no propagation) and
-   GradAscent, each measured against the oracle in parameter space
+   the fine-tuning baselines (GradAscent, GradDiff, NPO, SimNPO: ``baseline_grid``),
+   each measured against the oracle in parameter space
    (``compare_methods``: rel_param_error, KL on forget/retain, cost).
 5. Evaluation of original, oracle and every unlearned model against the
    oracle with ``EvalData.tofu(dir, forget="forget01")``: forget01_perturbed,
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lmcleaner.config import load_config
     from lmcleaner.evaluate import EvalData, evaluate_models, format_table
-    from lmcleaner.evaluate.compare import compare_methods, row_name
+    from lmcleaner.evaluate.compare import baseline_grid, compare_methods, row_name
     from lmcleaner.train import Trainer
     from lmcleaner.unlearn.cli_retrain import retrain_config
     from lmcleaner.unlearn.forget_set import resolve_forget_ids
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         grid += [("LMCleanerSampleLevel", {"hessian_mode": mode, "K": tau}),
                  ("LMCleanerSampleLevel", {"hessian_mode": mode, "K": K})]
-    grid += [("rollback", {}), ("GradAscent", {"lr": 1e-3, "steps": 5})]
+    grid += [("rollback", {}), *baseline_grid()]
     grid = list(dict.fromkeys((m, tuple(sorted(kw.items()))) for m, kw in grid))
     grid = [(m, dict(kw)) for m, kw in grid]
     retain_ids = [i for i in range(len(ds)) if i not in set(ids)][: args.max_rows]

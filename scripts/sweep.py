@@ -15,8 +15,9 @@ method of the grid is run and measured against it with
   LMCleaner batch level (first mode, full window; a different counterfactual:
       whole batches removed, so its error against the sample-level oracle is
       not a fidelity figure),
-  baselines: rollback (no propagation), sgd_formula (optimizer ignored),
-      GradAscent (lr 1e-3, 5 epochs over the forget set).
+  baselines: rollback (no propagation), sgd_formula (optimizer ignored), and
+      the fine-tuning baselines GradAscent, GradDiff, NPO, SimNPO at their
+      defaults (``compare.baseline_grid``).
 
 Outputs in --out: ``sweep.csv`` and ``sweep.json`` (one row per method run:
 optimizer, seed, split, method, hessian_mode, K, rel_param_error, kl_forget,
@@ -125,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sgd-lr", type=float, default=DEFAULT_LR["sgd"], help="sgd learning rate (default: 0.05)")
     ap.add_argument("--checkpoint-interval", type=int, default=None,
                     help="light-mode checkpoint spacing C (default: max(5, steps // 10))")
-    ap.add_argument("--no-baselines", action="store_true", help="skip rollback, sgd_formula and GradAscent")
+    ap.add_argument("--no-baselines", action="store_true",
+                    help="skip rollback, sgd_formula and the fine-tuning baselines")
     ap.add_argument("--no-batch-level", action="store_true", help="skip LMCleaner batch level")
     ap.add_argument("--eval-retain", type=int, default=32, help="retain samples for kl_retain (default: 32)")
     ap.add_argument("--threads", type=int, default=1,
@@ -159,8 +161,9 @@ def build_grid(tau: int, Ks: Sequence[str | int], modes: Sequence[str], baseline
     if batch_level:
         grid.append(("LMCleanerBatchLevel", {"hessian_mode": modes[0], "K": tau}))
     if baselines:
-        grid += [("rollback", {}), ("sgd_formula", {"hessian_mode": modes[0], "K": tau}),
-                 ("GradAscent", {"lr": 1e-3, "steps": 5})]
+        from lmcleaner.evaluate.compare import baseline_grid
+
+        grid += [("rollback", {}), ("sgd_formula", {"hessian_mode": modes[0], "K": tau}), *baseline_grid()]
     return grid
 
 

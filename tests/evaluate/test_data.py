@@ -58,7 +58,7 @@ def test_from_paths_errors(tmp_path):
     with pytest.raises(EvalDataError, match="file not found"):
         EvalData.from_paths(forget=tmp_path / "nope.jsonl")
     bad = _write(tmp_path / "bad.jsonl", [{"prompt": "x"}])
-    with pytest.raises(EvalDataError, match="no 'question' field"):
+    with pytest.raises(EvalDataError, match="cannot find instruction fields.*question/answer"):
         EvalData.from_paths(forget=bad)
 
 

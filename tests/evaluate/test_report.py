@@ -28,14 +28,15 @@ def _png_size(path):
 def test_write_report(tmp_path):
     history = [(s, 3.0 / (1 + s)) for s in range(50)]
     paths = write_report(ROWS, tmp_path / "rep", loss_history=history, title="demo")
-    assert set(paths) == {"report", "training_loss", "error_vs_k", "error_vs_cost"}
-    for key in ("training_loss", "error_vs_k", "error_vs_cost"):
+    plots = ("training_loss", "error_vs_k", "error_vs_cost", "forget_vs_utility", "mia_auc")
+    assert set(paths) == {"report", *plots}
+    for key in plots:
         w, h = _png_size(paths[key])
         assert w >= 600 and h >= 400
     md = paths["report"].read_text()
     assert md.startswith("# demo")
-    for name in ("training_loss.png", "error_vs_k.png", "error_vs_cost.png"):
-        assert f"]({name})" in md
+    for name in plots:
+        assert f"]({name}.png)" in md
     assert "| method" in md and "lmcleaner" in md and "GGN" in md
 
 

@@ -108,3 +108,35 @@ def test_logging_metric_logger_routes_to_named_logger(tmp_path: Path) -> None:
     telemetry.shutdown()
     _, rows = read_csv(session.output_dir / "metrics.csv")
     assert [(r["step"], r["acc"]) for r in rows] == [("7", "0.9")]
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_plain_lines_when_not_a_terminal(monkeypatch) -> None:
+    monkeypatch.delenv("LMCLEANER_PROGRESS", raising=False)
+    out = io.StringIO()
+    with telemetry.progress_bar(total=40, desc="replay", unit="step", file=out) as bar:
+        for _ in range(40):
+            bar.update(1)
+            bar.set_postfix(loss=1.0)
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and len(lines) == 10  # one line every 10%, the last says done
+    assert lines[0].startswith("replay: 4/40 (10%) elapsed") and "ETA" in lines[0] and "[loss=1.0]" in lines[0]
+    assert lines[-1].startswith("replay: 40/40 (100%) done in")
+    # transient inner bars print nothing off a terminal; a terminal gets tqdm (with its ETA)
+    quiet = io.StringIO()
+    for _ in telemetry.progress_bar(range(5), desc="inner", leave=False, file=quiet):
+        pass
+    assert quiet.getvalue() == ""
+    tty = _Tty()
+    for _ in telemetry.progress_bar(range(3), desc="bar", file=tty):
+        pass
+    assert "bar: 100%" in tty.getvalue() and "<" in tty.getvalue()  # tqdm's elapsed<remaining
+    monkeypatch.setenv("LMCLEANER_PROGRESS", "off")
+    off = io.StringIO()
+    for _ in telemetry.progress_bar(range(3), desc="x", file=off):
+        pass
+    assert off.getvalue() == ""

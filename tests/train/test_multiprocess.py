@@ -1,9 +1,6 @@
 """Two real ranks over gloo (torchrun) match one process with accumulation."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +9,7 @@ from safetensors.torch import load_file
 
 from lmcleaner.train import Trainer
 
-from ..conftest import FAST, tiny_config
+from ..conftest import FAST, tiny_config, torchrun
 
 SCRIPT = Path(__file__).parent / "scripts" / "two_rank_train.py"
 COMMON = ["training.max_steps=6", "training.batch_size=4", "training.max_grad_norm=1.0"]
@@ -20,11 +17,7 @@ COMMON = ["training.max_steps=6", "training.batch_size=4", "training.max_grad_no
 
 @pytest.mark.slow
 def test_two_ranks_equal_single_process_with_accumulation(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(SCRIPT), str(tmp_path), *FAST, *COMMON]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(SCRIPT, [str(tmp_path), *FAST, *COMMON], port=29517, timeout=300)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["num_processes"] == 2 and "MULTI_CPU" in result["distributed_type"]
     # Same global batch in one process: 2 micro-batches of 4, accumulated.

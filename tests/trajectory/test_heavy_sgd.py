@@ -73,15 +73,18 @@ def test_damaged_files_are_named_with_the_last_valid_step(run, tmp_path):
     cfg, trainer, rec, log = run
     bad = tmp_path / "log"
     shutil.copytree(log.log_dir, bad)
-    # a flipped byte in the middle of steps.jsonl: everything from that line on is unusable
+    # a flipped byte in the middle of steps.jsonl: everything from that line on is unusable, and it is
+    # reported as damage in the middle (intact lines follow), not as a crash's torn tail
     data = bytearray((bad / "steps.jsonl").read_bytes())
     lines = bytes(data).splitlines(keepends=True)
     off = sum(len(x) for x in lines[:6]) + 20
     data[off] ^= 0x20
     (bad / "steps.jsonl").write_bytes(bytes(data))
-    with pytest.raises(TrajectoryLogError, match=r"steps\.jsonl: torn or corrupted tail at line 7 .*last valid step 5"):
+    with pytest.raises(TrajectoryLogError, match=r"steps\.jsonl: line 7 is corrupted and \d+ intact line\(s\) follow "
+                                                 r"it.*last valid step 5"):
         TrajectoryLog(bad)
     assert TrajectoryLog(bad, tolerant=True).steps == list(range(6))
+    assert TrajectoryLog(bad, tolerant=True).tail.corrupt
     (bad / "steps.jsonl").write_bytes(b"".join(lines))
     # a truncated shard: refused at open; tolerant mode stops before its first step
     shards = sorted((bad / "tensors").iterdir())

@@ -55,7 +55,7 @@ def test_help_and_errors(tmp_path, capsys):
     help_text = capsys.readouterr().out
     assert "LOG_DIR" in help_text and "--sample" in help_text and "--tolerant" in help_text
     code, out, err = _run(capsys, str(tmp_path))
-    assert code == 1 and "not a training log" in err and "\n" not in err.strip()
+    assert code == 2 and "not a training log" in err and "\n" not in err.strip()
     code, out, _ = _run(capsys, str(tmp_path), "--json")
-    assert code == 1 and "error" in json.loads(out)
+    assert code == 2 and "error" in json.loads(out)
     assert run is not None

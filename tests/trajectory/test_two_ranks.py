@@ -2,10 +2,6 @@
 heavy mode stores every rank's micro-batches, and a single-process replay agrees
 within float tolerance (bit-exactness needs the same world size)."""
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +9,7 @@ import torch
 
 from lmcleaner.trajectory import BatchReconstructor, TrajectoryLog, TrajectoryReplayer
 
-from ..conftest import FAST
+from ..conftest import FAST, torchrun
 from .conftest import REC
 
 SCRIPT = Path(__file__).parents[1] / "train" / "scripts" / "two_rank_train.py"
@@ -21,20 +17,8 @@ SCRIPT = Path(__file__).parents[1] / "train" / "scripts" / "two_rank_train.py"
 
 @pytest.mark.slow
 def test_two_rank_run_is_recorded_and_replayable(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     overrides = [*FAST, *REC, "training.max_steps=6", "training.max_grad_norm=1.0", "training_logger.storage=heavy"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           str(SCRIPT), str(tmp_path), *overrides]
-    # own process group, so a hang (e.g. ranks disagreeing on a checkpoint barrier) kills every rank
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("two-rank training with the recorder hung")
-    assert proc.returncode == 0, err[-3000:]
+    torchrun(SCRIPT, [str(tmp_path), *overrides], port=29531, timeout=180)
     log = TrajectoryLog(tmp_path / "run" / "training_log")
     assert log.meta["world_size"] == 2 and log.steps == list(range(6))
     recon = BatchReconstructor.from_log(log)

@@ -82,3 +82,20 @@ def llama_sgd() -> Setup:
 @pytest.fixture(scope="session")
 def llama_adamw() -> Setup:
     return Setup(lambda: tiny_llama(), 32, 3, LLAMA_ADAMW)
+
+
+RECORDED_RUN = ["model=micro-llama", "training.num_samples=48", "training.batch_size=4", "training.max_steps=24",
+                "training.progress_bar=false", "training.logging_steps=0", "training.optimizer=adamw",
+                "training.learning_rate=3e-3", "training.max_grad_norm=0.5", "training_logger.checkpoint_interval=8",
+                "training.torch_threads=1"]
+
+
+@pytest.fixture(scope="session")
+def recorded_run(tmp_path_factory):
+    """A real ``lmcleaner`` run with its trajectory log (micro Llama, 24 AdamW steps, ~1 s)."""
+    from lmcleaner.config import load_config
+    from lmcleaner.train import Trainer
+
+    root = tmp_path_factory.mktemp("recorded") / "run"
+    Trainer(load_config(overrides=[*RECORDED_RUN, f"training.output_dir={root}"])).train()
+    return root

@@ -106,3 +106,71 @@ def test_request_without_unlearner_is_an_error(tmp_path):
     trainer.request_forget([1])
     with pytest.raises(TrainingError, match="online unlearner"):
         trainer.train()
+
+
+ADAMW_RUN = [*[o for o in RUN if not o.startswith(("training.optimizer", "training.learning_rate",
+                                                    "training.max_steps"))],
+             "training.optimizer=adamw", "training.learning_rate=0.001", "training.max_steps=40"]
+
+
+@pytest.mark.parametrize("method, kw", [("rollback", {}), ("LMCleanerSampleLevel", {"K": 3})])
+def test_online_adamw_truncated_correction_keeps_a_sane_optimizer_state(tmp_path, method, kw):
+    """Regression (issue 9): a truncated/rollback correction carried its dm, dv to tau without
+    the beta decay of the real moments, and v + dv clamped at 0 made the next updates ~ lr m / eps
+    (final parameter norm 1548 against 8.29 for exact replay). Training continued after the
+    correction must stay on the scale of the exact answer."""
+    def run(unlearner, out):
+        trainer = Trainer(load_config(overrides=[*ADAMW_RUN, f"training.output_dir={out}"]))
+        RequestAt(trainer, 20, FORGET).wrap(unlearner)
+        trainer.train()
+        opt = getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)
+        ratio = max(float((st["exp_avg"].abs() / (st["exp_avg_sq"].sqrt() + 1e-8)).max())
+                    for st in opt.state.values() if "exp_avg" in st)
+        norm = sum(float((p.double() ** 2).sum()) for p in params(trainer).values()) ** 0.5
+        return norm, ratio
+
+    exact_norm, _ = run(OnlineUnlearner("replay"), tmp_path / "replay")
+    norm, ratio = run(OnlineUnlearner(method, **kw), tmp_path / "approx")
+    assert abs(norm - exact_norm) / exact_norm < 0.05, (norm, exact_norm)
+    assert ratio < 10, ratio  # |m| / sqrt(v) of a real Adam state is bounded (~7.3 for the default betas)
+
+
+def test_request_file_appended_during_a_cli_run(tmp_path, retrained, monkeypatch):
+    """`lmcleaner train training.forget_request_file=... training.online_unlearning.method=replay`: a line
+    appended to the file while the run trains (here, deterministically, right before step AT) is applied."""
+    from lmcleaner.cli.main import main
+    from lmcleaner.train.trainer import Trainer as T
+
+    oracle, _ = retrained
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("")
+    real_poll = T._poll_request_file
+    appended = []
+
+    def poll(self):
+        if self.state.step == AT and not appended:
+            with open(requests, "a") as f:
+                f.write(json.dumps({"request_id": "r1", "ids": FORGET}) + "\n")
+            appended.append(AT)
+        return real_poll(self)
+
+    monkeypatch.setattr(T, "_poll_request_file", poll)
+    out = tmp_path / "run"
+    assert main(["train", *RUN, f"training.output_dir={out}", f"training.forget_request_file={requests}",
+                 "training.online_unlearning.method=replay"]) == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["processed_requests"] == ["r1"] and state["unlearn_events"][0]["step"] == AT
+    from safetensors.torch import load_file
+
+    final = load_file(str(out / "final_model" / "model.safetensors"))
+    assert all(torch.equal(final[n], oracle[n]) for n in oracle)
+
+
+def test_request_file_without_a_method_is_a_one_line_error(tmp_path, capsys):
+    from lmcleaner.cli.main import main
+
+    code = main(["train", *RUN, f"training.output_dir={tmp_path / 'run'}",
+                 f"training.forget_request_file={tmp_path / 'r.jsonl'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "training.online_unlearning.method" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -179,7 +179,7 @@ def test_sample_used_before_the_window_is_refused(tmp_path):
     s = UnlearnSession(root)
     lo, hi = s.log.window
     assert lo > 0
-    early = sorted(s._used_before(set(range(48)), lo))
+    early = sorted(s.earliest_uses_before(set(range(48)), lo))
     assert early
     with pytest.raises(UnlearnError, match="before the replayable window"):
         s.run("LMCleanerSampleLevel", early[:1])

@@ -43,8 +43,10 @@ def test_many_samples_one_sweep_equals_sum_of_separate_sweeps(mlp_sgd, K):
     joint = m.compute(mlp_sgd.model, counting, mlp_sgd.spec, [z1, z2], mlp_sgd.tau)
     a = m.compute(mlp_sgd.model, steps, mlp_sgd.spec, [z1], mlp_sgd.tau)
     b = m.compute(mlp_sgd.model, steps, mlp_sgd.spec, [z2], mlp_sgd.tau)
-    for n in joint.delta_params:
-        assert torch.allclose(joint.delta_params[n], a.delta_params[n] + b.delta_params[n], rtol=1e-4, atol=1e-7)
+    # Superposition holds to first order: the joint sweep differs from the sum only where one
+    # request's deviation meets the other's removed rows (curvature H^{-Z} of the remaining rows).
+    summed = {n: a.delta_params[n] + b.delta_params[n] for n in joint.delta_params}
+    assert rel_error({n: torch.zeros_like(v) for n, v in summed.items()}, joint.delta_params, summed) < 0.05
     # one sweep: every step yielded once, one batched HVP call per step at most
     assert counting.iterations == 1 and counting.yielded == [s.step for s in steps]
     au = joint.audit
@@ -57,6 +59,8 @@ def test_many_samples_one_sweep_equals_sum_of_separate_sweeps(mlp_sgd, K):
         assert au.hvp_path == "vmap"
     re = mlp_sgd.retrain(frozenset({z1, z2}))
     assert rel_error(mlp_sgd.run.final, joint.delta_params, re.final) < (0.15 if K == FULL else 0.9)
+    assert rel_error(mlp_sgd.run.final, joint.delta_params, re.final) <= rel_error(mlp_sgd.run.final, summed,
+                                                                                   re.final) + 1e-3
 
 
 def test_requests_share_a_sweep_and_linear_map_is_linear(mlp_adamw):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,11 @@ def _training_config(cfg, run_dir: Path):
     if not preset.is_file():
         raise ConfigError(f"demo.model '{d.model}' is neither a model preset nor a YAML file")
     cfg.model = OmegaConf.merge(cfg.model, OmegaConf.load(preset))
+    if d.init not in ("pretrained", "scratch"):
+        raise ConfigError(f"demo.init={d.init!r}: choose pretrained (fine-tune the project's base) or scratch")
+    if d.init == "pretrained" and cfg.model.name_or_path == "tiny-llama":
+        # the project's own pretrained base of this preset (built once, cached: `lmcleaner pretrain`)
+        cfg.model.name_or_path, cfg.model.tokenizer = f"base:{d.model}", "embedded"
     t = cfg.training
     t.max_steps, t.optimizer, t.learning_rate, t.max_grad_norm = d.steps, d.optimizer, d.learning_rate, d.max_grad_norm
     t.dataset_name, t.output_dir, t.resume_from_checkpoint = d.data, str(run_dir), None
@@ -78,7 +84,7 @@ def _forget_ids(cfg, rows: list[dict]) -> list[int]:
 
 def run_demo(cfg) -> dict[str, Any]:
     from ..evaluate import EvalData, evaluate_models, format_table, write_report
-    from ..evaluate.compare import compare_methods, default_grid
+    from ..evaluate.compare import compare_methods, default_grid, merge_eval, windowed_grid
     from ..train import Trainer
     from ..train.export import export_model
     from ..unlearn.cli_retrain import retrain_config
@@ -87,21 +93,32 @@ def run_demo(cfg) -> dict[str, Any]:
     import torch
 
     d = cfg.demo
+    show = bool(cfg.training.progress_bar)
+    started = time.perf_counter()
+
+    def phase(i: int, what: str) -> None:
+        """One line per phase (each phase then shows its own progress with an ETA)."""
+        if show:
+            print(f"demo [{i}/4] {what} (elapsed {time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+
     # Tiny models: one intra-op thread is fastest, and on a busy 2-core machine
     # two threads spin against each other (measured >10x slower sweeps).
     torch.set_num_threads(max(1, int(d.threads)))
     out = Path(d.out_dir)
+    run_dir, models_dir = out / "run", out / "models"
+    train_cfg = _training_config(cfg, run_dir)  # bad input fails here, before anything is written
     if out.exists():
         if not (out / MARKER).is_file():
-            raise FileExistsError(f"{out} exists and is not a demo output: choose another demo.out_dir")
-        shutil.rmtree(out)
+            raise FileExistsError(f"demo.out_dir={out} exists and is not a demo output: choose another demo.out_dir")
+        shutil.rmtree(out)  # an earlier demo's own output (it carries the marker), never anything else
     out.mkdir(parents=True)
     (out / MARKER).write_text(json.dumps({"status": "running"}))
-    run_dir, models_dir = out / "run", out / "models"
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    trainer = Trainer(_training_config(cfg, run_dir))
+    phase(1, f"training {d.steps} steps with the trajectory recorder")
+    model_name = str(train_cfg.model.name_or_path)
+    trainer = Trainer(train_cfg)
     state = trainer.train()
     timings["train"] = time.perf_counter() - t0
     session = UnlearnSession(run_dir)
@@ -112,7 +129,10 @@ def run_demo(cfg) -> dict[str, Any]:
                          "steps: raise demo.steps")
 
     t0 = time.perf_counter()
-    oracle_trainer = Trainer(retrain_config(run_dir, ids, out / "retrain"), tokenizer=trainer.tokenizer)
+    phase(2, f"exact retraining without the {len(ids)} forgotten samples (the oracle)")
+    oracle_cfg = retrain_config(run_dir, ids, out / "retrain")
+    oracle_cfg.training.progress_bar = show
+    oracle_trainer = Trainer(oracle_cfg, tokenizer=trainer.tokenizer)
     oracle_trainer.train()
     timings["retrain"] = time.perf_counter() - t0
     oracle = {n: p.detach().clone() for n, p in oracle_trainer.engine.trainable().items()}
@@ -125,31 +145,27 @@ def run_demo(cfg) -> dict[str, Any]:
         model_dirs[name] = export_model(session.model_with(res.params), trainer.tokenizer, models_dir / name)
 
     t0 = time.perf_counter()
-    grid = default_grid(session.tau, d.Ks, d.hessian_modes)
+    grid = default_grid(session.tau, d.Ks, d.hessian_modes) + windowed_grid(d.Ks) + [("auto", {})]
+    phase(3, f"unlearning with {len(grid)} method settings, each measured against the oracle")
     rows = compare_methods(session, ids, grid, oracle, [dataset[i] for i in ids], [dataset[i] for i in retain_ids],
-                           on_result=export, progress=cfg.training.progress_bar)
+                           on_result=export, progress=cfg.training.progress_bar, include_original=True)
     timings["unlearn_all_methods"] = time.perf_counter() - t0
 
     data = (EvalData.embedded(forget_ids=ids, max_retain=d.eval_max_retain, max_holdout=d.eval_max_holdout)
             if d.data == "embedded" else None)
     if data is not None:
         t0 = time.perf_counter()
+        phase(4, f"evaluating {len(model_dirs)} models (forgetting, utility, membership inference)")
         _, summary = evaluate_models({k: str(v) for k, v in model_dirs.items()}, data, oracle="oracle",
                                      original="original", out_dir=out / "eval", max_new_tokens=d.eval_max_new_tokens,
                                      progress=cfg.training.progress_bar)
         timings["eval"] = time.perf_counter() - t0
-        models = summary.get("models", summary)
-        for r in rows:
-            m = models.get(r["name"], {})
-            for key in ("forget_quality", "model_utility", "mia_auc"):
-                r[key] = m.get(key)
-        for base in ("original", "oracle"):
-            m = models.get(base, {})
-            rows.append({"name": base, "method": base, "rel_param_error": 1.0 if base == "original" else 0.0,
-                         **{k: m.get(k) for k in ("kl_forget", "kl_retain", "forget_quality", "model_utility",
-                                                  "mia_auc")}})
+        merge_eval(rows, summary)
     skipped = sorted(set(wanted) - set(ids))
-    notes = (f"Forgot {len(ids)} samples (ids {ids[:8]}{'...' if len(ids) > 8 else ''}) used in "
+    init = ("fine-tuned from the project's pretrained base" if model_name.startswith("base:")
+            else "trained from random initialisation")
+    notes = (f"Run: {state.step} steps, {init}, {d.optimizer} lr {d.learning_rate}. "
+             f"Forgot {len(ids)} samples (ids {ids[:8]}{'...' if len(ids) > 8 else ''}) used in "
              f"{len(session.steps_for(ids))} of {session.tau} steps"
              + (f" ({len(skipped)} requested samples were never used and need no unlearning)" if skipped else "")
              + ". rel_param_error = ||theta_hat - theta_retrain|| / "

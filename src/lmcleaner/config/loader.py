@@ -9,12 +9,14 @@ registered by :func:`register_with_hydra`.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.nodes import StringNode
 
 from .schema import RootConfig
 
@@ -75,6 +77,21 @@ def _group_file(group: str, value: str) -> Path:
     return path
 
 
+def _quote_for_string_field(cfg: DictConfig, item: str) -> str:
+    """``key=no`` for a string field means the string "no": YAML 1.1, which the override
+    parser follows, would read ``no/yes/on/off`` as booleans (``training.mixed_precision=no``)."""
+    key, value = item.split("=", 1)
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig) or leaf not in node:
+        return item
+    if not isinstance(node._get_node(leaf), StringNode):
+        return item
+    if value in ("", "null", "~") or value[:1] in ("'", '"') or value.startswith("${"):
+        return item
+    return f"{key}={json.dumps(value)}"
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
     """Build the run config. Raises :class:`ConfigError` with a one-line message."""
     cfg = OmegaConf.structured(RootConfig)
@@ -96,6 +113,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
         else:
             dotted.append(f"{key}={value}")
     if dotted:
+        dotted = [_quote_for_string_field(cfg, item) for item in dotted]
         try:
             cli = OmegaConf.from_dotlist(dotted)
         except OmegaConfBaseException as err:
@@ -119,6 +137,8 @@ _CHOICES = {
 
 def validate(cfg: DictConfig) -> None:
     """Semantic checks the type system cannot express."""
+    if cfg.training.mixed_precision == "False":  # `mixed_precision: no` in a YAML file (YAML 1.1 reads no as false)
+        cfg.training.mixed_precision = "no"
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:

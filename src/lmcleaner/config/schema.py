@@ -21,7 +21,9 @@ class ModelConfig:
     same shape as a Mixtral mixture of experts (``num_local_experts``,
     ``num_experts_per_tok``); a ``*.json`` path is a ``transformers`` config
     built with fresh seeded weights (tokenizer: the embedded one unless
-    ``tokenizer`` says otherwise); anything else is passed to
+    ``tokenizer`` says otherwise; a config that ships code is refused unless
+    trusted, like a model directory); ``"base:<preset>"`` the project's
+    pretrained base (``train.pretrain``); anything else is passed to
     ``AutoModelForCausalLM.from_pretrained`` (hub id or local directory).
     """
 
@@ -43,13 +45,37 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters through ``peft``; only adapter weights are trained."""
+    """LoRA adapters through ``peft``; only adapter weights are trained.
+
+    ``target_modules``: module names to adapt; unset, the known targets of the
+    model type (peft's table: ``q_proj, v_proj`` for Llama, ``c_attn`` for
+    GPT-2, ...), or every linear layer (``all-linear``) for other types. A name
+    that matches nothing is a one-line error listing the model's linear modules.
+    """
 
     enabled: bool = False
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: Optional[list[str]] = None
+
+
+@dataclass
+class OnlineUnlearningConfig:
+    """How deletion requests that arrive *during* training are applied (``training.online_unlearning``).
+
+    Requests come from ``training.forget_request_file`` (lines
+    ``{"request_id": "r1", "ids": [17]}`` appended while the run trains) or
+    ``Trainer.request_forget``. ``method``: ``LMCleanerSample`` / ``LMCleanerBatch``
+    (a correction, then the ids are excluded from later batches), ``replay``
+    (exact: the run ends bit-identical to retraining without them), or
+    ``rollback`` / ``sgd_formula``; unset, a request stops training with an error.
+    """
+
+    method: Optional[str] = None
+    K: int = 800  # propagation window (LMCleaner methods)
+    hessian_mode: str = "exact"  # exact | GGN | diag
+    damping: float = 1e-4
 
 
 @dataclass
@@ -80,15 +106,18 @@ class TrainingConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     weight_decay: float = 0.0
+    weight_decay_exclude: list[str] = field(default_factory=list)  # parameter names trained without weight decay (HF Trainer's bias/norm rule; set by lmcleaner.integrations)
     max_grad_norm: float = 1.0  # <= 0 disables clipping
     scheduler: str = "cosine"  # cosine | linear | constant
     warmup_steps: int = 20
     mixed_precision: str = "no"  # no | fp16 | bf16
     save_precision: str = "float32"  # dtype of the exported model weights
     gradient_checkpointing: bool = False
-    distributed_strategy: str = "ddp"  # ddp | fsdp (multi-process via torchrun / accelerate launch)
+    # several processes (torchrun): ddp replicates the model; fsdp shards it with FSDP2 through Accelerate
+    # (sharded safetensors checkpoints, gathered export; recorder storage=light). One process ignores it.
+    distributed_strategy: str = "ddp"  # ddp | fsdp
     num_gpus: int = 0  # informational; the launcher decides the number of processes
-    fsdp_sharding_strategy: str = "FULL_SHARD"
+    fsdp_sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD (ZeRO-3) | SHARD_GRAD_OP (ZeRO-2)
     save_steps: int = 0  # 0: no intermediate checkpoints (the recorder may still ask for them)
     eval_steps: int = 0  # 0: no periodic eval
     save_total_limit: Optional[int] = None  # keep at most N checkpoints (the recorder's window is protected)
@@ -103,6 +132,7 @@ class TrainingConfig:
     resume_from_checkpoint: Optional[str] = None  # a checkpoint dir, or "latest"
     exclude_ids: list[int] = field(default_factory=list)  # samples removed from every batch (exact retrain)
     forget_request_file: Optional[str] = None  # online deletion requests, checked between steps
+    online_unlearning: OnlineUnlearningConfig = field(default_factory=OnlineUnlearningConfig)  # how they are applied
     router_aux_loss: bool = True  # add router losses when the model returns router logits
     load_balance_coef: float = 0.01
     auxiliary_coef: float = 0.0
@@ -154,7 +184,7 @@ class UnlearnTrainerConfig:
       replaced by exact replay.
     """
 
-    handler: str = "LMCleanerBatchLevel"
+    handler: str = "auto"  # per request: an approximation when its estimated error is small enough, else replay
     method_args: dict[str, Any] = field(default_factory=_session_method_args)
 
 
@@ -169,7 +199,9 @@ class UnlearnConfig:
 
     forget: Any = None  # list of ids, "17,203", a file of ids, or a dataset file matched to training rows
     model_dir: Optional[str] = None  # trained run dir (default: training.output_dir)
-    output_dir: Optional[str] = None  # default: <run>/unlearned-<method>
+    output_dir: Optional[str] = None  # default: a fresh <run>/unlearned-<method>[-N] (retrain: <run>/retrain[-N])
+    overwrite: bool = False  # replace an existing output_dir (its audit records are kept); never the source run
+    max_error: Optional[float] = None  # trainer=auto: accepted estimated relative error (default: the method's 0.1)
     export: str = "merged"  # merged | adapter (LoRA runs)
 
 
@@ -182,8 +214,11 @@ class DemoConfig:
     data: str = "embedded"  # "embedded" or a QA json/jsonl path (question/answer rows)
     forget_authors: list[int] = field(default_factory=lambda: [0])  # embedded data: authors to forget
     forget_ids: list[int] = field(default_factory=list)  # explicit sample ids (overrides forget_authors)
+    # pretrained: fine-tune the project's own pretrained base (`lmcleaner pretrain`, built once and cached),
+    # the regime of real users; scratch: train the preset from random initialisation
+    init: str = "pretrained"
     optimizer: str = "adamw"
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4  # a fine-tuning rate (scratch runs were measured at 1e-3)
     max_grad_norm: float = 0.0  # clipping is modelled too; >0 makes the regime more nonlinear (larger errors)
     Ks: list[int] = field(default_factory=lambda: [20])  # truncation windows besides the full window
     hessian_modes: list[str] = field(default_factory=lambda: ["exact", "GGN"])
@@ -195,6 +230,27 @@ class DemoConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """``lmcleaner pretrain``: the project's own base model (``train.pretrain``).
+
+    Pretrains an embedded model preset on a generated corpus of entities
+    disjoint from the fine-tuning data, cached by these settings; fine-tune
+    from it with ``model.name_or_path=base:tiny-llama``.
+    """
+
+    model: str = "tiny-llama"  # model preset (conf/model) or YAML of an embedded (config-built) model
+    steps: int = 1200  # optimizer steps of pretraining
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    num_entities: int = 400  # fictitious people in the corpus (13 texts each, plus places and books)
+    max_length: int = 128
+    seed: int = 1234
+    cache_dir: Optional[str] = None  # default: $LMCLEANER_CACHE, $XDG_CACHE_HOME/lmcleaner or ~/.cache/lmcleaner
+    progress_bar: bool = True
+    threads: int = 1  # intra-op threads while pretraining (tiny models: 1 is fastest)
+
+
+@dataclass
 class RootConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -203,5 +259,6 @@ class RootConfig:
     trainer: UnlearnTrainerConfig = field(default_factory=UnlearnTrainerConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     telemetry_config: Optional[str] = None  # YAML for lmcleaner.telemetry (default config when None)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form user keys (demo, eval, sweeps)

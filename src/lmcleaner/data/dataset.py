@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from ..telemetry.progress import progress_bar
 from .formats import FormatError, detect_format, to_messages
 from .synthetic import generate_authors_qa
 from .tokenize import encode_record
@@ -71,6 +71,13 @@ def load_records(source: str, split: str = "train", subset: str | None = None,
     return rows
 
 
+def _pretokenised(row: dict, i: int, max_length: int) -> dict:
+    ids, labels = [int(x) for x in row["input_ids"]], [int(x) for x in row["labels"]]
+    if len(ids) != len(labels):
+        raise FormatError(f"row {i}: input_ids ({len(ids)}) and labels ({len(labels)}) differ in length")
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+
+
 class TextDataset(torch.utils.data.Dataset):
     """Tokenised examples with loss masks; item ``i`` is sample id ``i``."""
 
@@ -81,10 +88,13 @@ class TextDataset(torch.utils.data.Dataset):
         columns = list(records[0].keys())
         try:
             fmt = detect_format(columns, text_field, training_mode)
-            self.examples = [
-                encode_record(tokenizer, to_messages(r, fmt), max_length)
-                for r in tqdm(records, desc="tokenising", disable=not progress)
-            ]
+            if fmt[0] == "tokens":
+                self.examples = [_pretokenised(r, i, max_length) for i, r in enumerate(records)]
+            else:
+                self.examples = [
+                    encode_record(tokenizer, to_messages(r, fmt), max_length)
+                    for r in progress_bar(records, desc="tokenising", enabled=progress, leave=False)
+                ]
         except (FormatError, KeyError) as err:
             raise DataError(f"bad record format: {err}") from None
         self.records = records

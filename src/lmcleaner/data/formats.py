@@ -8,6 +8,10 @@ Supported record formats (``training_mode=instruction_finetuning``):
 - a list of fields (``text_field=[instruction, input, output]``): the last
   field is the response, the others form the prompt.
 ``pretraining``: one text field (``text`` by default), all tokens carry loss.
+Pre-tokenised (any mode, when ``text_field`` is not set): rows with
+``input_ids`` and ``labels`` (same length, -100 where no loss) are used as
+they are; this is how a Hugging Face ``Trainer`` run recorded by
+:mod:`lmcleaner.integrations` stores the exact examples it trained on.
 
 Rendering: the tokenizer's chat template when it has one. Otherwise the
 documented plain template::
@@ -22,6 +26,7 @@ tokenises the prompt ``...Answer:`` identically at training and generation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 Message = dict[str, str]
@@ -37,12 +42,14 @@ class FormatError(ValueError):
 
 def detect_format(columns: list[str], text_field: Any, training_mode: str) -> Any:
     """Decide how to read records; raises FormatError naming the missing field."""
+    if not text_field and "input_ids" in columns and "labels" in columns:
+        return ("tokens", None)
     if training_mode == "pretraining":
         field = text_field or "text"
         if field not in columns:
             raise FormatError(f"text_field '{field}' not in dataset columns {columns}: set training.text_field")
         return ("text", field)
-    if isinstance(text_field, (list, tuple)) and not isinstance(text_field, str):
+    if isinstance(text_field, Sequence) and not isinstance(text_field, str):  # also OmegaConf's ListConfig
         missing = [f for f in text_field if f not in columns]
         if missing or len(text_field) < 2:
             raise FormatError(f"text_field {list(text_field)} needs >= 2 fields present in columns {columns}")
@@ -125,9 +132,10 @@ def template_spans(tokenizer, messages: list[Message]) -> list[tuple[str, bool]]
     return spans
 
 
-def prompt_text(tokenizer, question: str) -> str:
-    """The generation prompt for a question (used by evaluation)."""
-    messages = [{"role": "user", "content": question}]
+def prompt_text(tokenizer, question: str | list[Message]) -> str:
+    """The generation prompt for a question, or for the conversation before the answer
+    (a list of messages), rendered as training renders it (used by evaluation)."""
+    messages = question if isinstance(question, list) else [{"role": "user", "content": question}]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return PLAIN_ROLE_PREFIX["user"] + " " + question + "\n" + PLAIN_ROLE_PREFIX["assistant"]
+    return "".join(text for text, _ in plain_spans(messages, tokenizer.eos_token or "")) + PLAIN_ROLE_PREFIX["assistant"]

@@ -48,7 +48,8 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
                         add_bos=not prompt.startswith(tokenizer.bos_token or "\0"))["input_ids"]
 
 
-def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> dict:
-    """A question/answer pair rendered as in training, loss on the answer only."""
-    return encode_record(tokenizer, [{"role": "user", "content": question},
-                                     {"role": "assistant", "content": answer}], max_length)
+def encode_qa(tokenizer, question, answer: str, max_length: int) -> dict:
+    """A question (or the conversation before the answer, a list of messages) and an answer,
+    rendered as in training, loss on the answer only."""
+    context = question if isinstance(question, list) else [{"role": "user", "content": question}]
+    return encode_record(tokenizer, [*context, {"role": "assistant", "content": answer}], max_length)

@@ -48,13 +48,41 @@ def embedded_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def load_tokenizer(name_or_path: str | None, model_name: str = "tiny-llama") -> PreTrainedTokenizerFast:
-    """``embedded`` / ``None`` with an embedded tiny model or a model config file: the shipped
-    tokenizer; else ``AutoTokenizer``."""
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be loaded, in one line naming the config key and what to check."""
+
+
+def load_error(what: str, key: str, name: str, err: BaseException) -> ModelLoadError:
+    """Turn a from_pretrained traceback (30 lines from the hub client) into one line."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200].rstrip(". ")
+    local = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) and not local.exists():
+        return ModelLoadError(f"cannot load the {what} {key}={name!r}: no such directory; check the path")
+    if local.exists():
+        hint = "check that the directory holds config.json and the weights (and the tokenizer files)"
+    else:
+        hint = ("a hub id needs network access or a copy in the local cache (with HF_HUB_OFFLINE=1 only the cache is "
+                "used); check the spelling, or give a local directory")
+    return ModelLoadError(f"cannot load the {what} {key}={name!r}: {first}; {hint}")
+
+
+def load_tokenizer(name_or_path: str | None, model_name: str = "tiny-llama",
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
+    """``embedded`` / ``None`` with an embedded tiny model, a model config file or a ``base:<preset>``:
+    the shipped tokenizer; else ``AutoTokenizer`` (a tokenizer that ships Python code is refused
+    unless ``trust_remote_code``)."""
     name = name_or_path or model_name
-    if name in ("embedded", "tiny-llama", "tiny-mixtral") or (name_or_path is None and str(name).endswith(".json")):
+    if (name in ("embedded", "tiny-llama", "tiny-mixtral") or name.startswith("base:")  # base:<preset> is pretrained with it
+            or (name_or_path is None and name.endswith(".json"))):  # a config file: fresh weights, no tokenizer
         return embedded_tokenizer()
-    tok = AutoTokenizer.from_pretrained(name)
+    from ..config.received import guard_remote_code
+
+    key = "model.tokenizer" if name_or_path else "model.name_or_path"
+    trust = guard_remote_code(name, trust_remote_code, key=key)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
+    except Exception as err:  # noqa: BLE001 - OSError, ValueError, hub errors: one line naming the key
+        raise load_error("tokenizer", key, name, err) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -7,35 +7,28 @@ Entry points: :func:`evaluate_models` (several models, ``eval.json`` +
 :mod:`lmcleaner.evaluate.cli`.
 """
 
-# train.loss first: lmcleaner.data and lmcleaner.train import each other, and
-# this order initialises them without a partially-initialised module.
-from ..train import loss as _loss  # noqa: F401
-from .data import EvalData, EvalDataError, SPLITS, TRUTH_RATIO_BASE
-from .fidelity import ParameterMismatchError, kl_to_oracle, param_distance, relative_param_error
-from .generation import generate_answers, greedy_generate, left_pad, rouge_l_recall, stop_token_ids
-from .io import to_jsonable, write_json_atomic
-from .metrics import (
-    answer_probability, exact_memorization, extraction_strength, forget_quality, model_utility,
-    normalised_probability, truth_ratio, truth_ratio_forget_score, truth_ratio_retain_score,
-)
-from .mia import ATTACKS, auc, membership_scores, min_k_plus_plus_score, min_k_score, privleak, zlib_length
-from .report import REPORT_COLUMNS, format_table, plot_error_vs_cost, plot_error_vs_k, plot_training_loss, write_report
-from .runner import (
-    DEFINITIONS, METRIC_KEYS, EvalSettings, ModelLoadError, evaluate_model, evaluate_models, evaluate_split,
-    load_eval_tokenizer, load_model, summarize_model, write_results,
-)
-from .scoring import TokenStats, encode_pairs, score_answers, score_items, token_stats_from_logits
+# Exports resolve lazily (PEP 562): ``lmcleaner eval --help`` must not import torch, and
+# lmcleaner.data / lmcleaner.train import each other, which eager imports here would entangle.
+from ..lazy import lazy_exports
 
-__all__ = [
-    "EvalData", "EvalDataError", "SPLITS", "TRUTH_RATIO_BASE",
-    "ParameterMismatchError", "kl_to_oracle", "param_distance", "relative_param_error",
-    "generate_answers", "greedy_generate", "left_pad", "rouge_l_recall", "stop_token_ids",
-    "to_jsonable", "write_json_atomic",
-    "answer_probability", "exact_memorization", "extraction_strength", "forget_quality", "model_utility",
-    "normalised_probability", "truth_ratio", "truth_ratio_forget_score", "truth_ratio_retain_score",
-    "ATTACKS", "auc", "membership_scores", "min_k_plus_plus_score", "min_k_score", "privleak", "zlib_length",
-    "REPORT_COLUMNS", "format_table", "plot_error_vs_cost", "plot_error_vs_k", "plot_training_loss", "write_report",
-    "DEFINITIONS", "METRIC_KEYS", "EvalSettings", "ModelLoadError", "evaluate_model", "evaluate_models",
-    "evaluate_split", "load_eval_tokenizer", "load_model", "summarize_model", "write_results",
-    "TokenStats", "encode_pairs", "score_answers", "score_items", "token_stats_from_logits",
-]
+_EXPORTS = {
+    "EvalData": "data", "EvalDataError": "data", "SPLITS": "data", "TRUTH_RATIO_BASE": "data",
+    "ParameterMismatchError": "fidelity", "kl_to_oracle": "fidelity", "param_distance": "fidelity",
+    "relative_param_error": "fidelity", "generate_answers": "generation", "greedy_generate": "generation",
+    "left_pad": "generation", "rouge_l_recall": "generation", "stop_token_ids": "generation", "to_jsonable": "io",
+    "write_json_atomic": "io", "answer_probability": "metrics", "exact_memorization": "metrics",
+    "extraction_strength": "metrics", "forget_quality": "metrics", "model_utility": "metrics",
+    "normalised_probability": "metrics", "truth_ratio": "metrics", "truth_ratio_forget_score": "metrics",
+    "truth_ratio_retain_score": "metrics", "ATTACKS": "mia", "auc": "mia", "membership_scores": "mia",
+    "min_k_plus_plus_score": "mia", "min_k_score": "mia", "privleak": "mia", "zlib_length": "mia",
+    "REPORT_COLUMNS": "report", "format_table": "report", "plot_error_vs_cost": "report",
+    "plot_error_vs_k": "report", "plot_training_loss": "report", "write_report": "report", "DEFINITIONS": "runner",
+    "METRIC_KEYS": "runner", "EvalSettings": "runner", "ModelLoadError": "runner", "evaluate_model": "runner",
+    "evaluate_models": "runner", "evaluate_split": "runner", "load_eval_tokenizer": "runner",
+    "load_model": "runner", "summarize_model": "runner", "write_results": "runner", "TokenStats": "scoring",
+    "encode_pairs": "scoring", "score_answers": "scoring", "score_items": "scoring",
+    "token_stats_from_logits": "scoring",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

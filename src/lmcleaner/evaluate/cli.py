@@ -12,9 +12,7 @@ import logging
 import sys
 from typing import Sequence
 
-from .data import EvalData, EvalDataError
-from .report import format_table
-from .runner import ModelLoadError, evaluate_models
+# Everything heavy (torch, transformers) is imported in run(): `lmcleaner eval --help` answers at once.
 
 EXAMPLES = """\
 examples:
@@ -24,8 +22,18 @@ examples:
   lmcleaner eval --model m=out/model --data tofu:data/tofu --tofu-forget forget05
   lmcleaner eval --model m=out/model --data forget=f.jsonl,retain=r.jsonl,holdout=h.jsonl
 
-Writes OUT/eval.json (per sample) and OUT/summary.json (per model; null + "reasons"
-for metrics that cannot be computed, e.g. without --oracle).
+data files: json/jsonl/csv/parquet in any format training reads: question/answer (TOFU),
+messages, conversations (ShareGPT), prompt/response, or several fields (--text-field
+instruction,input,output); the last assistant turn is the answer, what precedes it the prompt.
+Truth ratio, forget quality and model utility also need the TOFU fields paraphrased_answer
+(forget/retain) and perturbed_answer (a list of wrong answers); without them these metrics are
+null and summary.json says which field is missing. Forget quality, privleak, KL and the
+parameter error need --oracle; membership inference needs a holdout split.
+
+Writes OUT/eval.json (per sample), OUT/summary.json (per model; null + "reasons" for metrics
+that cannot be computed), OUT/forget_vs_utility.png, OUT/mia_auc.png, and for each model
+OUT/open_unlearning/NAME/TOFU_EVAL.json + TOFU_SUMMARY.json under open-unlearning's key names
+(use --convention open-unlearning for numbers comparable with their tables).
 """
 
 TABLE_COLUMNS = ["model", "forget_prob", "forget_rougeL", "forget_truth_ratio", "forget_quality", "model_utility",
@@ -61,12 +69,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="embedded data: author indices to forget (default 0 when --forget-ids is not given)")
     p.add_argument("--forget-ids", type=_csv_ints, default=None, metavar="I,J",
                    help="embedded data: training sample ids to forget")
+    p.add_argument("--text-field", default=None, metavar="F[,G,...]",
+                   help="like training.text_field: the field holding the conversation, or several fields whose "
+                        "last one is the answer (e.g. instruction,input,output)")
+    p.add_argument("--convention", default="lmcleaner", choices=["lmcleaner", "open-unlearning"],
+                   help="metric definitions: lmcleaner (default) or open-unlearning's (last answer token left out "
+                        "of EM/ES/Min-K, ES floor 1/n, zlib of the decoded answer tokens, Min-K%%++ variance floor "
+                        "1e-6); see docs/evaluation.md")
     p.add_argument("--tofu-forget", default="forget01", metavar="NAME",
                    help="TOFU forget split (forget01/forget05/forget10; default forget01)")
     p.add_argument("--max-rows", type=int, default=None, metavar="N",
                    help="cap every split to N rows (deterministic subsample) for a quick run")
     p.add_argument("--out", default="lmcleaner_out/eval", metavar="DIR",
-                   help="output directory for eval.json and summary.json (default lmcleaner_out/eval)")
+                   help="output directory for eval.json and summary.json (default lmcleaner_out/eval); never a "
+                        "model directory or inside one")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace eval.json/summary.json already in --out (refused otherwise)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let models that ship Python code (auto_map in config.json) run it; off by default")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer directory (default: the oracle's or first model's; embedded if it has none)")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
@@ -96,8 +116,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def build_data(args: argparse.Namespace) -> EvalData:
-    """The :class:`EvalData` named by ``--data`` (and its companion options)."""
+def build_data(args: argparse.Namespace):
+    """The :class:`~lmcleaner.evaluate.EvalData` named by ``--data`` (and its companion options)."""
+    from .data import EvalData, EvalDataError
+
     spec = args.data
     if spec == "embedded":
         authors = args.forget_authors
@@ -114,11 +136,29 @@ def build_data(args: argparse.Namespace) -> EvalData:
         parts[key] = value
     if "forget" not in parts:
         raise EvalDataError(f"bad --data '{spec}': forget=FILE is required")
-    return EvalData.from_paths(**parts, max_rows=args.max_rows)
+    text_field = args.text_field.split(",") if args.text_field and "," in args.text_field else args.text_field
+    return EvalData.from_paths(**parts, max_rows=args.max_rows, text_field=text_field)
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` over a model (the sources) or over earlier results, and fail now
+    (before any evaluation) when it cannot be written."""
+    from ..train.outputs import OutputError, check_output, probe_writable
+
+    sources = [path for _, path in args.models] + ([args.tokenizer] if args.tokenizer else [])
+    out = check_output(args.out, sources, overwrite=True, key="--out")
+    if not args.overwrite and any((out / f).exists() for f in ("eval.json", "summary.json")):
+        raise OutputError(f"--out {args.out} already holds eval.json/summary.json: choose a new directory "
+                          "or pass --overwrite")
+    probe_writable(out, "--out")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lmcleaner eval``; returns the exit code."""
+    from .data import EvalDataError
+    from .report import format_table
+    from .runner import ModelLoadError, evaluate_models
+
     names = [n for n, _ in args.models]
     dup = sorted({n for n in names if names.count(n) > 1})
     try:
@@ -127,24 +167,36 @@ def run(args: argparse.Namespace) -> int:
         for role in ("oracle", "original"):
             if getattr(args, role) is not None and getattr(args, role) not in names:
                 raise ValueError(f"--{role} '{getattr(args, role)}' is not a --model name (have {names})")
+        check_out(args)
+        if args.trust_remote_code:
+            print("lmcleaner eval: warning: --trust-remote-code: Python files shipped with the models will be "
+                  "imported and run with your permissions", file=sys.stderr)
         data = build_data(args)
         tokenizer = None
         if args.tokenizer:
             from .runner import load_eval_tokenizer
 
-            tokenizer = load_eval_tokenizer(args.tokenizer)
+            tokenizer = load_eval_tokenizer(args.tokenizer, args.trust_remote_code)
         _, summary = evaluate_models(
             dict(args.models), data, oracle=args.oracle, original=args.original, tokenizer=tokenizer,
             out_dir=args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             max_length=args.max_length, min_k=args.min_k, dtype=args.dtype, device=args.device,
-            progress=not args.no_progress,
+            progress=not args.no_progress, trust_remote_code=args.trust_remote_code,
+            convention=args.convention,
         )
-    except (ModelLoadError, EvalDataError, ValueError, OSError) as err:
-        print(f"lmcleaner eval: error: {err}", file=sys.stderr)
+    except OSError as err:
+        from ..train.outputs import describe_os_error
+
+        print(f"lmcleaner eval: error: {describe_os_error(err)}", file=sys.stderr)
+        return 2
+    except (ModelLoadError, EvalDataError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"lmcleaner eval: error: {first}", file=sys.stderr)
         return 2
     rows = [{"model": name, **res} for name, res in summary["models"].items()]
     print(format_table(rows, TABLE_COLUMNS))
-    print(f"wrote {args.out}/eval.json and {args.out}/summary.json")
+    print(f"wrote {args.out}/eval.json, summary.json, forget_vs_utility.png, mia_auc.png and "
+          f"open_unlearning/<model>/TOFU_SUMMARY.json ({summary['convention']} convention)")
     return 0
 
 

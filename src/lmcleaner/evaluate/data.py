@@ -7,12 +7,18 @@ ratio: ``min(TR, 1/TR)`` on forget, ``max(0, 1-TR)`` elsewhere) and the
 membership-inference attacks need forget (members) against holdout
 (non-members).
 
-Row fields (TOFU layout):
+Rows may be in any format training reads (:mod:`lmcleaner.data.formats`):
+``question``/``answer`` (TOFU), ``messages``, ``conversations``,
+``prompt``/``response``, or several fields (``text_field=[instruction, input,
+output]``). The *answer* is the last assistant turn, and everything before it
+is the prompt (rendered as in training); ``question`` is set to the last user
+turn for display. Extra fields used by some metrics (TOFU layout):
 
-- ``question``, ``answer``: always required;
 - ``paraphrased_answer``: the truth-ratio reference on forget/retain;
-- ``perturbed_answer``: list of wrong answers (truth ratio, and the
-  normalised probability of the real-authors / world-facts sets).
+- ``perturbed_answer``: list of wrong answers (truth ratio, hence forget
+  quality and model utility, and the normalised probability of the
+  real-authors / world-facts sets). Without them those metrics are ``null``
+  with a reason naming the missing field.
 
 For ``real_authors`` / ``world_facts`` the truth-ratio reference is the
 answer itself (TOFU has no paraphrase there), see :data:`TRUTH_RATIO_BASE`.
@@ -26,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..data import load_records
+from ..data.formats import FormatError, detect_format, to_messages
 
 SPLITS = ("forget", "retain", "holdout", "real_authors", "world_facts")
 # Which field is the truth-ratio reference answer on each split (TOFU convention).
@@ -38,15 +45,40 @@ class EvalDataError(ValueError):
     """A one-line problem with evaluation data, naming the split/file and field."""
 
 
-def _check_rows(split: str, rows: list[Row]) -> list[Row]:
+def _check_rows(split: str, rows: list[Row], text_field: Any = None) -> list[Row]:
+    """Rows with ``question`` and ``answer`` (and ``prompt_messages`` when the prompt is a conversation)."""
     if not rows:
         raise EvalDataError(f"evaluation split '{split}' is empty")
-    for i, row in enumerate(rows):
-        for key in ("question", "answer"):
-            if key not in row or row[key] is None:
-                raise EvalDataError(f"evaluation split '{split}' row {i} has no '{key}' field "
-                                    f"(fields: {sorted(row)})")
-    return rows
+    if all(r.get("question") is not None and r.get("answer") is not None for r in rows) and not text_field:
+        return rows
+    columns = [c for c in rows[0] if c not in ("input_ids", "labels")]
+    try:
+        fmt = detect_format(columns, text_field, "instruction_finetuning")
+    except FormatError as err:
+        why = str(err).replace("set training.text_field", "give --text-field")
+        raise EvalDataError(f"evaluation split '{split}': {why}") from None
+    return [_conversation_row(split, i, r, fmt) for i, r in enumerate(rows)]
+
+
+def _conversation_row(split: str, i: int, row: Row, fmt: Any) -> Row:
+    try:
+        messages = to_messages(row, fmt)
+    except (KeyError, TypeError, FormatError) as err:
+        raise EvalDataError(f"evaluation split '{split}' row {i}: {err}") from None
+    last = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise EvalDataError(f"evaluation split '{split}' row {i} has no assistant turn to score")
+    context = messages[:last]
+    users = [m["content"] for m in context if m["role"] == "user"]
+    out = {**row, "question": users[-1] if users else "", "answer": messages[last]["content"]}
+    if [m["role"] for m in context] != ["user"]:
+        out["prompt_messages"] = context
+    return out
+
+
+def prompt_of(row: Row) -> str | list[dict]:
+    """What precedes the answer: the question, or the conversation before the last assistant turn."""
+    return row.get("prompt_messages") or str(row["question"])
 
 
 def _cap(rows: list[Row], max_rows: int | None, seed: int = 0) -> list[Row]:
@@ -70,6 +102,7 @@ class EvalData:
     world_facts: list[Row] | None = None
     ids: dict[str, list[int]] = field(default_factory=dict)
     description: str = ""
+    text_field: Any = None  # like training.text_field: a field name or [instruction, input, output]
 
     def __post_init__(self) -> None:
         for name in SPLITS:
@@ -78,7 +111,8 @@ class EvalData:
                 if name == "forget":
                     raise EvalDataError("evaluation data needs a 'forget' split")
                 continue
-            _check_rows(name, rows)
+            rows = _check_rows(name, rows, self.text_field)
+            setattr(self, name, rows)
             if name in self.ids and len(self.ids[name]) != len(rows):
                 raise EvalDataError(f"split '{name}': {len(self.ids[name])} ids for {len(rows)} rows")
 
@@ -107,8 +141,9 @@ class EvalData:
     @classmethod
     def from_paths(cls, forget: str | Path, retain: str | Path | None = None, holdout: str | Path | None = None,
                    real_authors: str | Path | None = None, world_facts: str | Path | None = None,
-                   max_rows: int | None = None) -> "EvalData":
-        """Load each split from a json/jsonl/csv/parquet file (``lmcleaner.data.load_records``)."""
+                   max_rows: int | None = None, text_field: Any = None) -> "EvalData":
+        """Load each split from a json/jsonl/csv/parquet file (``lmcleaner.data.load_records``),
+        in any format training reads (``text_field`` as in training)."""
         paths = {"forget": forget, "retain": retain, "holdout": holdout,
                  "real_authors": real_authors, "world_facts": world_facts}
         kwargs: dict[str, Any] = {}
@@ -122,7 +157,7 @@ class EvalData:
             except ValueError as err:
                 raise EvalDataError(f"evaluation split '{name}' ({path}): {err}") from None
         desc = ", ".join(f"{k}={v}" for k, v in paths.items() if v is not None)
-        return cls(**kwargs, description=desc).capped(max_rows)
+        return cls(**kwargs, description=desc, text_field=text_field).capped(max_rows)
 
     @classmethod
     def tofu(cls, directory: str | Path, forget: str = "forget01", retain: str = "retain_perturbed",

@@ -17,8 +17,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from ..telemetry.progress import progress_bar
 from ..train.loss import IGNORE_INDEX, shift_labels
 from ..data import Collator
 from .scoring import _batches, model_device
@@ -68,8 +68,8 @@ def kl_to_oracle(model: torch.nn.Module, oracle: torch.nn.Module, items: Sequenc
     collate = Collator(pad_token_id)
     sums: list[float] = [math.nan] * len(items)
     counts: list[int] = [0] * len(items)
-    for idx in tqdm(_batches([len(x["input_ids"]) for x in items], batch_size), desc=desc,
-                    disable=not progress, leave=False):
+    for idx in progress_bar(_batches([len(x["input_ids"]) for x in items], batch_size), desc=desc,
+                            enabled=progress, leave=False):
         batch = collate([{**items[i], "sample_id": i} for i in idx])
         ids, attn = batch["input_ids"], batch["attention_mask"]
         logits_o = oracle(input_ids=ids.to(dev_o), attention_mask=attn.to(dev_o)).logits

@@ -20,9 +20,9 @@ import warnings
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data import encode_prompt, prompt_text
+from ..telemetry.progress import progress_bar
 from .scoring import model_device, pad_id
 
 END_OF_TURN_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|eot|>")
@@ -67,7 +67,7 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], ma
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     stops = set(int(s) for s in stop_ids)
-    for j in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+    for j in progress_bar(range(0, len(order), batch_size), desc=desc, enabled=progress, leave=False):
         idx = order[j:j + batch_size]
         ids, mask = left_pad([prompts[i] for i in idx], pad_token_id)
         with warnings.catch_warnings():
@@ -86,7 +86,8 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], ma
 def generate_answers(model: torch.nn.Module, tokenizer, questions: Sequence[str], max_new_tokens: int = 200,
                      batch_size: int = 8, progress: bool = False, desc: str = "generating") -> list[str]:
     """Greedy answers to ``questions`` as decoded text (special tokens removed, stripped)."""
-    prompts = [encode_prompt(tokenizer, prompt_text(tokenizer, str(q))) for q in questions]
+    prompts = [encode_prompt(tokenizer, prompt_text(tokenizer, q if isinstance(q, list) else str(q)))
+               for q in questions]
     tokens = greedy_generate(model, prompts, max_new_tokens, batch_size, pad_id(tokenizer),
                              stop_token_ids(tokenizer, model), progress, desc)
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]

@@ -17,6 +17,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy.stats import hmean, ks_2samp
 
+from .conventions import Convention, extraction_strength_ou, get_convention
+
 
 def answer_probability(mean_nll: float) -> float:
     """TOFU "Prob.": ``exp(-mean answer-token NLL)``, i.e. the geometric mean of
@@ -24,7 +26,7 @@ def answer_probability(mean_nll: float) -> float:
     return math.exp(-mean_nll)
 
 
-def truth_ratio(base_loss: float, perturbed_losses: Sequence[float]) -> float:
+def truth_ratio(base_loss: float, perturbed_losses: Sequence[float], eps: float = 0.0) -> float:
     """TOFU truth ratio ``TR = P_pert / P_base`` with length-normalised probabilities.
 
     ``P_base = exp(-base_loss)`` (the paraphrased answer on forget/retain, the
@@ -34,20 +36,23 @@ def truth_ratio(base_loss: float, perturbed_losses: Sequence[float]) -> float:
     (``np.exp(perturbed.mean(-1) - paraphrased)``, inverted) and open-unlearning
     (``truth_ratio``) compute; the paper writes an arithmetic mean. TR near 0:
     the model prefers the true answer; TR near 1: it cannot tell them apart.
+    ``eps`` > 0: open-unlearning's ``P_pert / (P_base + eps)``.
     """
     if not perturbed_losses:
         return math.nan
+    if eps:
+        return math.exp(-float(np.mean(perturbed_losses))) / (math.exp(-float(base_loss)) + eps)
     return math.exp(float(base_loss) - float(np.mean(perturbed_losses)))
 
 
-def truth_ratio_forget_score(ratios: Iterable[float]) -> float:
+def truth_ratio_forget_score(ratios: Iterable[float], eps: float = 0.0) -> float:
     """Forget-set aggregate ``mean(min(TR, 1/TR))`` (1 = true and false answers equally
-    likely, as for a model that never saw the data)."""
+    likely, as for a model that never saw the data); ``eps``: ``1/(TR + eps)`` (open-unlearning)."""
     tr = _finite(ratios)
     if tr.size == 0:
         return math.nan
     with np.errstate(divide="ignore"):
-        return float(np.mean(np.minimum(tr, 1.0 / tr)))
+        return float(np.mean(np.minimum(tr, 1.0 / (tr + eps))))
 
 
 def truth_ratio_retain_score(ratios: Iterable[float]) -> float:
@@ -59,22 +64,23 @@ def truth_ratio_retain_score(ratios: Iterable[float]) -> float:
     return float(np.mean(np.maximum(0.0, 1.0 - tr)))
 
 
-def normalised_probability(true_loss: float, perturbed_losses: Sequence[float]) -> float:
-    """TOFU real-authors / world-facts "Prob.": ``P(a) / (P(a) + sum_j P(a_j))`` with
+def normalised_probability(true_loss: float, perturbed_losses: Sequence[float], eps: float = 0.0) -> float:
+    """TOFU real-authors / world-facts "Prob.": ``P(a) / (P(a) + sum_j P(a_j) + eps)`` with
     length-normalised probabilities (the correct option against the wrong ones)."""
     p_true = math.exp(-true_loss)
     p_wrong = float(np.sum(np.exp(-np.asarray(perturbed_losses, dtype=np.float64))))
-    return p_true / (p_true + p_wrong)
+    return p_true / (p_true + p_wrong + eps)
 
 
-def exact_memorization(correct: Sequence[bool]) -> float:
+def exact_memorization(correct: Sequence[bool], convention: str | Convention | None = None) -> float:
     """Fraction of answer tokens that are the teacher-forced argmax (Tirumala et al.
-    2022; open-unlearning ``exact_memorization``). NaN with no answer token."""
-    c = np.asarray(correct, dtype=bool)
+    2022; open-unlearning ``exact_memorization``, which leaves out the last answer
+    token). NaN with no scored token."""
+    c = get_convention(convention).scored(np.asarray(correct, dtype=bool))
     return float(c.mean()) if c.size else math.nan
 
 
-def extraction_strength(correct: Sequence[bool]) -> float:
+def extraction_strength(correct: Sequence[bool], convention: str | Convention | None = None) -> float:
     """Extraction strength (Carlini et al. 2021 style; Wang et al. 2025, open-unlearning
     ``extraction_strength``), teacher-forced:
 
@@ -83,9 +89,13 @@ def extraction_strength(correct: Sequence[bool]) -> float:
     prefix. ES = 1: the whole answer is reproduced from the question alone;
     ES = 0: not even the last token is (``k_min = n``, the empty suffix).
     open-unlearning stops its search at ``k = n-1`` and so reports ``1/n``
-    instead of 0 when the last token is wrong; we follow the definition.
+    instead of 0 when the last token is wrong, and leaves out the last answer token;
+    ``convention="open-unlearning"`` does both.
     """
-    c = np.asarray(correct, dtype=bool)
+    conv = get_convention(convention)
+    c = conv.scored(np.asarray(correct, dtype=bool))
+    if conv.es_floor:
+        return extraction_strength_ou(c)
     n = int(c.size)
     if n == 0:
         return math.nan

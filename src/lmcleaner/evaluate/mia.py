@@ -30,6 +30,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
+from .conventions import LMCLEANER, Convention, get_convention
 from .scoring import TokenStats
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
@@ -60,16 +61,28 @@ def min_k_plus_plus_score(logprobs: Sequence[float], vocab_mean: Sequence[float]
     return _lowest_mean(z, k)
 
 
-def membership_scores(stats: TokenStats, answer_text: str, k: float = 0.4) -> dict[str, float]:
-    """All attack scores for one sample (higher = more likely member)."""
+def membership_scores(stats: TokenStats, answer_text: str, k: float = 0.4,
+                      convention: str | Convention | None = None) -> dict[str, float]:
+    """All attack scores for one sample (higher = more likely member).
+
+    ``answer_text``: what zlib compresses (the caller passes the decoded supervised
+    tokens under the open-unlearning convention). open-unlearning scores Min-K% and
+    Min-K%++ on the answer tokens but the last, floors the Min-K%++ variance at
+    1e-6, and scores 0 when no token is left.
+    """
     if stats.n == 0:
         return {name: math.nan for name in ATTACKS}
-    return {
-        "loss": -stats.loss,
-        "zlib": -stats.loss / zlib_length(answer_text),
-        "min_k": min_k_score(stats.logprobs, k),
-        "min_k_plus_plus": min_k_plus_plus_score(stats.logprobs, stats.vocab_mean, stats.vocab_std, k),
-    }
+    conv = get_convention(convention)
+    out = {"loss": -stats.loss, "zlib": -stats.loss / zlib_length(answer_text)}
+    lp, mu = conv.scored(stats.logprobs), conv.scored(stats.vocab_mean)
+    if lp.size == 0:
+        return {**out, "min_k": 0.0, "min_k_plus_plus": 0.0}
+    if conv.name == LMCLEANER:
+        std = stats.vocab_std
+    else:
+        var = stats.vocab_var if stats.vocab_var is not None else np.square(stats.vocab_std)
+        std = np.sqrt(np.maximum(conv.scored(var), conv.min_k_pp_var_floor))
+    return {**out, "min_k": min_k_score(lp, k), "min_k_plus_plus": min_k_plus_plus_score(lp, mu, std, k)}
 
 
 def auc(member_scores: Iterable[float], nonmember_scores: Iterable[float]) -> float:
@@ -85,7 +98,7 @@ def auc(member_scores: Iterable[float], nonmember_scores: Iterable[float]) -> fl
     return float(u / (n1 * n0))
 
 
-def privleak(auc_model: float, auc_oracle: float) -> float:
+def privleak(auc_model: float, auc_oracle: float, eps: float = 0.0) -> float:
     """MUSE PrivLeak in percent, ``(AUC'_model - AUC'_oracle) / AUC'_oracle * 100``.
 
     MUSE reports AUCs as ``AUC' = 1 - AUC`` of the conventional attack AUC above
@@ -97,6 +110,6 @@ def privleak(auc_model: float, auc_oracle: float) -> float:
     than unseen data, itself a signal). NaN when ``AUC_oracle = 1``.
     """
     ref = 1.0 - auc_oracle
-    if not (math.isfinite(auc_model) and math.isfinite(auc_oracle)) or ref <= 0:
+    if not (math.isfinite(auc_model) and math.isfinite(auc_oracle)) or ref + eps <= 0:
         return math.nan
-    return ((1.0 - auc_model) - ref) / ref * 100.0
+    return ((1.0 - auc_model) - ref) / (ref + eps) * 100.0

@@ -31,8 +31,10 @@ import numpy as np
 import torch
 
 from ..data import embedded_tokenizer
+from ..telemetry.progress import progress_bar
 from . import metrics as M
-from .data import SPLITS, TRUTH_RATIO_BASE, EvalData, missing_field, perturbed_list
+from .conventions import get_convention
+from .data import SPLITS, TRUTH_RATIO_BASE, EvalData, missing_field, perturbed_list, prompt_of
 from .fidelity import kl_to_oracle, param_distance
 from .generation import generate_answers, rouge_l_recall
 from .io import write_json_atomic
@@ -81,6 +83,7 @@ class EvalSettings:
     max_length: int = 512
     min_k: float = 0.4
     progress: bool = True
+    convention: str = "lmcleaner"  # lmcleaner | open-unlearning (see evaluate.conventions)
 
     @property
     def generate(self) -> bool:
@@ -89,9 +92,13 @@ class EvalSettings:
 
 # --------------------------------------------------------------------------- loading
 def load_model(path: str | os.PathLike, name: str | None = None, dtype: str = "float32",
-               device: str | torch.device | None = None) -> torch.nn.Module:
-    """``AutoModelForCausalLM.from_pretrained(path)`` in eval mode; one-line error naming the model."""
+               device: str | torch.device | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path)`` in eval mode; one-line error naming the model.
+
+    A directory that ships Python code (``auto_map``) is refused unless ``trust_remote_code``."""
     from transformers import AutoModelForCausalLM
+
+    from ..config.received import guard_remote_code
 
     label = f"model '{name}'" if name else "model"
     p = Path(path)
@@ -99,7 +106,7 @@ def load_model(path: str | os.PathLike, name: str | None = None, dtype: str = "f
         raise ModelLoadError(f"{label}: directory not found: {p}")
     if not (p / "config.json").is_file():
         raise ModelLoadError(f"{label}: {p} has no config.json (not a Hugging Face model directory)")
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"trust_remote_code": guard_remote_code(p, trust_remote_code, key=f"--model {name or p}")}
     if dtype and dtype != "auto":
         if dtype not in _DTYPES:
             raise ModelLoadError(f"unknown dtype '{dtype}': choose one of {list(_DTYPES) + ['auto']}")
@@ -116,15 +123,18 @@ def load_model(path: str | os.PathLike, name: str | None = None, dtype: str = "f
     return model.to(device).eval()
 
 
-def load_eval_tokenizer(path: str | os.PathLike | None):
+def load_eval_tokenizer(path: str | os.PathLike | None, trust_remote_code: bool = False):
     """The tokenizer saved in a model directory, or the embedded one when the
     directory has none (models trained on the embedded data)."""
     if path is None or not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
         return embedded_tokenizer()
     from transformers import AutoTokenizer
 
+    from ..config.received import guard_remote_code
+
+    trust = guard_remote_code(path, trust_remote_code, key=f"tokenizer {path}")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
     except Exception as err:  # noqa: BLE001
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ModelLoadError(f"cannot load the tokenizer in {path}: {first}") from None
@@ -138,9 +148,10 @@ def evaluate_split(model: torch.nn.Module, tokenizer, split: str, rows: list[dic
                    oracle: torch.nn.Module | None = None, tag: str = "") -> tuple[dict[str, list], dict[str, str]]:
     """Per-sample values of one model on one split, and reasons for skipped metrics."""
     s = settings
+    conv = get_convention(s.convention)
     prefix = f"{tag}/{split}" if tag else split
     reasons: dict[str, str] = {}
-    questions = [str(r["question"]) for r in rows]
+    questions = [prompt_of(r) for r in rows]
     answers = [str(r["answer"]) for r in rows]
     pid = pad_id(tokenizer)
     items = encode_pairs(tokenizer, questions, answers, s.max_length)
@@ -149,11 +160,15 @@ def evaluate_split(model: torch.nn.Module, tokenizer, split: str, rows: list[dic
         "num_answer_tokens": [st.n for st in stats],
         "loss": [st.loss for st in stats],
         "prob": [st.prob for st in stats],
-        "exact_memorization": [M.exact_memorization(st.correct) for st in stats],
-        "extraction_strength": [M.extraction_strength(st.correct) for st in stats],
+        "exact_memorization": [M.exact_memorization(st.correct, conv) for st in stats],
+        "extraction_strength": [M.extraction_strength(st.correct, conv) for st in stats],
     }
     if split in ("forget", "holdout"):
-        scores = [membership_scores(st, a, s.min_k) for st, a in zip(stats, answers)]
+        texts = answers
+        if conv.zlib_decoded_labels:  # open-unlearning compresses the decoded supervised tokens
+            texts = [tokenizer.decode([t for t in it["labels"] if t != -100], skip_special_tokens=True)
+                     for it in items]
+        scores = [membership_scores(st, a, s.min_k, conv) for st, a in zip(stats, texts)]
         for attack in ATTACKS:
             out[f"mia_{attack}"] = [sc[attack] for sc in scores]
 
@@ -190,9 +205,10 @@ def evaluate_split(model: torch.nn.Module, tokenizer, split: str, rows: list[dic
                 k += len(ps)
             out["base_loss"] = base_losses
             out["perturbed_loss"] = pert_losses
-            out["truth_ratio"] = [M.truth_ratio(b, p) for b, p in zip(base_losses, pert_losses)]
+            out["truth_ratio"] = [M.truth_ratio(b, p, conv.eps) for b, p in zip(base_losses, pert_losses)]
             if split in ("real_authors", "world_facts"):
-                out["normalised_prob"] = [M.normalised_probability(l, p) for l, p in zip(out["loss"], pert_losses)]
+                out["normalised_prob"] = [M.normalised_probability(l, p, conv.eps)
+                                          for l, p in zip(out["loss"], pert_losses)]
     if oracle is not None and split in ("forget", "retain"):
         if oracle is model:
             out["kl_sum"], out["kl_count"] = [0.0] * len(items), [st.n for st in stats]
@@ -203,14 +219,20 @@ def evaluate_split(model: torch.nn.Module, tokenizer, split: str, rows: list[dic
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer, data: EvalData, settings: EvalSettings | None = None,
-                   oracle: torch.nn.Module | None = None, tag: str = "") -> tuple[dict[str, dict], dict[str, dict]]:
-    """Per-split per-sample values for one model (``{split: {metric: [...]}}``) and per-split reasons."""
+                   oracle: torch.nn.Module | None = None, tag: str = "",
+                   bar=None) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Per-split per-sample values for one model (``{split: {metric: [...]}}``) and per-split reasons.
+    ``bar``: a progress display advanced once per split."""
     settings = settings or EvalSettings()
     per_split, reasons = {}, {}
     for split, rows in data.splits().items():
+        if bar is not None:
+            bar.set_postfix_str(f"{tag or 'model'}/{split}")
         values, why = evaluate_split(model, tokenizer, split, rows, settings, oracle, tag)
         per_split[split] = {"ids": data.row_ids(split), **values}
         reasons[split] = why
+        if bar is not None:
+            bar.update(1)
     return per_split, reasons
 
 
@@ -232,7 +254,8 @@ def _metric_keys() -> list[str]:
 METRIC_KEYS = _metric_keys()
 
 
-def _split_aggregates(split: str, values: dict[str, list], why: dict[str, str]) -> tuple[dict, dict]:
+def _split_aggregates(split: str, values: dict[str, list], why: dict[str, str],
+                      eps: float = 0.0) -> tuple[dict, dict]:
     agg: dict[str, float | None] = {}
     reasons: dict[str, str] = {}
     agg[f"{split}_loss"] = M.nanmean(values["loss"])
@@ -250,16 +273,18 @@ def _split_aggregates(split: str, values: dict[str, list], why: dict[str, str]) 
         else:
             reasons[f"{split}_rougeL"] = why.get("rougeL", "not computed")
         if "truth_ratio" in values:
-            fn = M.truth_ratio_forget_score if split == "forget" else M.truth_ratio_retain_score
-            agg[f"{split}_truth_ratio"] = fn(values["truth_ratio"])
+            agg[f"{split}_truth_ratio"] = (M.truth_ratio_forget_score(values["truth_ratio"], eps) if split == "forget"
+                                           else M.truth_ratio_retain_score(values["truth_ratio"]))
         else:
             reasons[f"{split}_truth_ratio"] = why.get("truth_ratio", "not computed")
     return agg, reasons
 
 
 def summarize_model(name: str, per_split: dict[str, dict], split_reasons: dict[str, dict],
-                    oracle_split: dict[str, dict] | None, oracle_name: str | None) -> dict[str, Any]:
+                    oracle_split: dict[str, dict] | None, oracle_name: str | None,
+                    convention: str | None = None) -> dict[str, Any]:
     """Aggregate metrics of one model; ``reasons`` for every metric left null."""
+    eps = get_convention(convention).eps
     res: dict[str, Any] = {k: None for k in METRIC_KEYS}
     reasons: dict[str, str] = {}
     for split in SPLITS:
@@ -268,7 +293,7 @@ def summarize_model(name: str, per_split: dict[str, dict], split_reasons: dict[s
                 if key.startswith(split + "_"):
                     reasons[key] = f"split '{split}' not provided"
             continue
-        agg, why = _split_aggregates(split, per_split[split], split_reasons.get(split, {}))
+        agg, why = _split_aggregates(split, per_split[split], split_reasons.get(split, {}), eps)
         res.update(agg)
         reasons.update(why)
 
@@ -309,7 +334,7 @@ def summarize_model(name: str, per_split: dict[str, dict], split_reasons: dict[s
             reasons[pkey] = "oracle has no holdout scores"
         else:
             ref = auc(oracle_split["forget"][f"mia_{attack}"], oracle_split["holdout"][f"mia_{attack}"])
-            res[pkey] = privleak(res[key], ref)
+            res[pkey] = privleak(res[key], ref, eps)
             if res[pkey] is None or not math.isfinite(res[pkey]):
                 reasons[pkey] = f"oracle AUC is {ref:.3f}: privleak undefined (divides by 1 - AUC_oracle)"
     res["mia_auc"] = res[f"mia_auc_{PRIMARY_ATTACK}"]
@@ -355,26 +380,31 @@ def summarize_model(name: str, per_split: dict[str, dict], split_reasons: dict[s
 def evaluate_models(models: Mapping[str, Any], data: EvalData, oracle: str | None = None,
                     original: str | None = None, tokenizer=None, out_dir: str | os.PathLike | None = None,
                     max_new_tokens: int = 200, batch_size: int = 8, max_length: int = 512, min_k: float = 0.4,
-                    dtype: str = "float32", device: str | None = None,
-                    progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+                    dtype: str = "float32", device: str | None = None, progress: bool = True,
+                    trust_remote_code: bool = False,
+                    convention: str = "lmcleaner") -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluate ``models`` (name -> model directory or ``nn.Module``) on ``data``.
 
     ``oracle`` / ``original`` name entries of ``models``: the exact-retrain
     model (reference of forget quality, privleak, KL, loss gap, parameter
     error) and the model before unlearning (denominator of the relative
-    parameter error). Returns ``(per_sample, summary)`` and, with ``out_dir``,
-    writes ``eval.json`` and ``summary.json`` there.
+    parameter error). ``convention``: ``lmcleaner`` or ``open-unlearning``
+    (:mod:`lmcleaner.evaluate.conventions`). Returns ``(per_sample, summary)`` and,
+    with ``out_dir``, writes there ``eval.json``, ``summary.json``, the plots
+    ``forget_vs_utility.png`` and ``mia_auc.png``, and open-unlearning's
+    ``open_unlearning/<model>/TOFU_{EVAL,SUMMARY}.json``.
     """
     if not models:
         raise ValueError("no models to evaluate")
     for role, name in (("oracle", oracle), ("original", original)):
         if name is not None and name not in models:
             raise ValueError(f"{role} '{name}' is not one of the models: {sorted(models)}")
-    settings = EvalSettings(max_new_tokens, batch_size, max_length, min_k, progress)
+    settings = EvalSettings(max_new_tokens, batch_size, max_length, min_k, progress,
+                            get_convention(convention).name)
     if tokenizer is None:
         candidates = ([oracle] if oracle else []) + list(models)
         paths = [models[n] for n in candidates if not isinstance(models[n], torch.nn.Module)]
-        tokenizer = load_eval_tokenizer(paths[0] if paths else None)
+        tokenizer = load_eval_tokenizer(paths[0] if paths else None, trust_remote_code)
 
     order = [n for n in (oracle, original) if n is not None]
     order += [n for n in models if n not in order]
@@ -383,12 +413,13 @@ def evaluate_models(models: Mapping[str, Any], data: EvalData, oracle: str | Non
     distances: dict[str, float] = {}
     seconds: dict[str, float] = {}
     oracle_model = None
+    bar = progress_bar(total=len(order) * len(data.splits()), desc="eval", enabled=progress, unit="split")
 
     def get(name: str) -> torch.nn.Module:
         value = models[name]
         if isinstance(value, torch.nn.Module):
             return value.eval()
-        return load_model(value, name, dtype, device)
+        return load_model(value, name, dtype, device, trust_remote_code)
 
     try:
         for name in order:
@@ -397,7 +428,8 @@ def evaluate_models(models: Mapping[str, Any], data: EvalData, oracle: str | Non
                 oracle_model = model
             log.info("evaluating %s", name)
             t0 = time.perf_counter()
-            per_model[name], split_reasons[name] = evaluate_model(model, tokenizer, data, settings, oracle_model, name)
+            per_model[name], split_reasons[name] = evaluate_model(model, tokenizer, data, settings, oracle_model, name,
+                                                                  bar)
             if oracle_model is not None:
                 distances[name] = 0.0 if model is oracle_model else param_distance(model, oracle_model)
             seconds[name] = time.perf_counter() - t0
@@ -405,13 +437,14 @@ def evaluate_models(models: Mapping[str, Any], data: EvalData, oracle: str | Non
                 del model
                 gc.collect()
     finally:
+        bar.close()
         oracle_model = None
         gc.collect()
 
     summary_models: dict[str, dict] = {}
     for name in models:
         res = summarize_model(name, per_model[name], split_reasons[name],
-                              per_model.get(oracle) if oracle else None, oracle)
+                              per_model.get(oracle) if oracle else None, oracle, settings.convention)
         res["eval_seconds"] = seconds[name]
         if oracle is not None:
             res["param_distance_to_oracle"] = distances[name]
@@ -430,7 +463,7 @@ def evaluate_models(models: Mapping[str, Any], data: EvalData, oracle: str | Non
         "models": per_model,
     }
     summary = {
-        "oracle": oracle, "original": original, "data": data.description,
+        "oracle": oracle, "original": original, "data": data.description, "convention": settings.convention,
         "splits": {split: len(rows) for split, rows in data.splits().items()},
         "settings": asdict(settings), "definitions": DEFINITIONS, "models": summary_models,
     }
@@ -440,7 +473,15 @@ def evaluate_models(models: Mapping[str, Any], data: EvalData, oracle: str | Non
 
 
 def write_results(out_dir: str | os.PathLike, per_sample: dict, summary: dict) -> dict[str, Path]:
-    """Write ``eval.json`` and ``summary.json`` atomically; returns their paths."""
+    """Write ``eval.json``, ``summary.json`` (atomically), the per-model plots and the
+    open-unlearning result files; returns their paths."""
+    from .open_unlearning import write_open_unlearning
+    from .report import write_model_plots
+
     out = Path(out_dir)
-    return {"eval": write_json_atomic(out / "eval.json", per_sample, indent=None),
-            "summary": write_json_atomic(out / "summary.json", summary)}
+    paths = {"eval": write_json_atomic(out / "eval.json", per_sample, indent=None),
+             "summary": write_json_atomic(out / "summary.json", summary)}
+    paths.update(write_model_plots([{"name": n, **m} for n, m in summary["models"].items()], out))
+    paths.update({f"open_unlearning/{n}": p for n, p in
+                  write_open_unlearning(out, per_sample["models"], summary).items()})
+    return paths

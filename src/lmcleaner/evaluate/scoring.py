@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ..telemetry.progress import progress_bar
 
 from ..train.loss import IGNORE_INDEX, per_sample_nll, shift_labels
 from ..data import Collator, encode_qa
@@ -33,8 +33,8 @@ class TokenStats:
     """Per-answer-token statistics of one sample under one model.
 
     ``logprobs[t] = log p(y_t | x, y_<t)``; ``correct[t] = argmax p(. | x, y_<t) == y_t``;
-    ``vocab_mean[t] = E_{v~p}[log p(v)]`` and ``vocab_std[t]`` its standard
-    deviation (min-k%++ normalisers); ``nll_sum`` from
+    ``vocab_mean[t] = E_{v~p}[log p(v)]``, ``vocab_var[t]`` its variance and
+    ``vocab_std[t] = sqrt(max(var, 1e-12))`` (min-k%++ normalisers); ``nll_sum`` from
     :func:`lmcleaner.train.loss.per_sample_nll` (the training loss convention).
     """
 
@@ -43,6 +43,7 @@ class TokenStats:
     vocab_mean: np.ndarray
     vocab_std: np.ndarray
     nll_sum: float
+    vocab_var: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -84,6 +85,7 @@ def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> list[
     correct = (lg.argmax(-1) == tgt).cpu().numpy()
     mu_np = mu.double().cpu().numpy()
     sd_np = var.clamp_min(1e-12).sqrt().double().cpu().numpy()
+    var_np = var.double().cpu().numpy()
     counts = mask.sum(-1).tolist()
     out: list[TokenStats] = []
     start = 0
@@ -91,7 +93,7 @@ def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> list[
         sl = slice(start, start + n)
         start += n
         out.append(TokenStats(logprobs=lp_np[sl], correct=correct[sl], vocab_mean=mu_np[sl],
-                              vocab_std=sd_np[sl], nll_sum=float(nll_sum[i])))
+                              vocab_std=sd_np[sl], nll_sum=float(nll_sum[i]), vocab_var=var_np[sl]))
     return out
 
 
@@ -114,7 +116,7 @@ def score_items(model: torch.nn.Module, items: Sequence[dict], pad_token_id: int
     collate = Collator(pad_token_id)
     results: list[TokenStats | None] = [None] * len(items)
     batches = _batches([len(x["input_ids"]) for x in items], batch_size)
-    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
+    for idx in progress_bar(batches, desc=desc, enabled=progress, leave=False):
         batch = collate([{**items[i], "sample_id": i} for i in idx])
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device)).logits
@@ -123,9 +125,11 @@ def score_items(model: torch.nn.Module, items: Sequence[dict], pad_token_id: int
     return results  # type: ignore[return-value]
 
 
-def encode_pairs(tokenizer, questions: Sequence[str], answers: Sequence[str], max_length: int = 512) -> list[dict]:
-    """(question, answer) pairs rendered as in training (loss on the answer only)."""
-    return [encode_qa(tokenizer, str(q), str(a), max_length) for q, a in zip(questions, answers)]
+def encode_pairs(tokenizer, questions: Sequence, answers: Sequence[str], max_length: int = 512) -> list[dict]:
+    """(question, answer) pairs rendered as in training (loss on the answer only); a question
+    may be the conversation before the answer (a list of messages)."""
+    return [encode_qa(tokenizer, q if isinstance(q, list) else str(q), str(a), max_length)
+            for q, a in zip(questions, answers)]
 
 
 def pad_id(tokenizer) -> int:

@@ -138,7 +138,7 @@ def format_table(plan: dict) -> str:
             lines.append(f"  {q['age']:>7} {q['step']:>7} {q['restored_from']:>8} {q['replay']['grad_equivalents']:>9.0f} "
                          f"{lm['grad_equivalents']:>10.0f}  {q['lmcleaner_over_replay']:>6.2f}  K={lm['K']} "
                          f"{lm['hessian_mode']}: {lm['recovery_steps']} replayed + 1 + {lm['hvp_directions']} HVPs x "
-                         f"{lm['hvp_cost_in_grads']}; {q['regime']}")
+                         f"{lm['hvp_cost_in_grads']} + {lm['error_probe_steps']} probe; {q['regime']}")
     lines += ["", f"  one gradient-equivalent ~ {plan['flops_per_grad_equivalent']:.3g} FLOPs (estimate)"]
     lines += [f"  note: {n}" for n in plan["notes"]]
     return "\n".join(lines)

@@ -6,7 +6,9 @@ applied to the run's real parameter shapes (``shapes.py``) and batch plan:
 - a checkpoint (``train.checkpoint``) holds the trainable parameters (LoRA:
   only the adapter) at their dtype, the optimizer state (AdamW: ``exp_avg``,
   ``exp_avg_sq`` at the parameter dtype + a float32 step; SGD with momentum:
-  one buffer; none before the first step), and small JSON/RNG files;
+  one buffer; none before the first step), and small JSON/RNG files with
+  their SHA-256 in ``checksums.json`` (also listed per restore point in the
+  log's ``checkpoints.json``);
 - light mode keeps the checkpoints at multiples of ``C =
   checkpoint_interval`` from the restore point of the window start
   (``tau - window``) to ``tau``, plus the final one (and ``save_steps``
@@ -29,7 +31,10 @@ checkpoint at or before ``t_z``:
   recover the past parameters by replaying ``r .. end`` with ``end = min(tau,
   t_z + K + 1)`` (``end - r``), one injection gradient at ``t_z`` and one HVP
   per propagated step ``K* = min(K, tau - t_z - 1)`` at ``h`` gradients each
-  (``unlearn.hvp.HVP_COST_IN_GRADS``, measured): ``(end - r) + 1 + K* h``.
+  (``unlearn.hvp.HVP_COST_IN_GRADS``, measured), and the exact replay of its
+  error estimate from ``r`` to the last checkpoint ``p > t_z`` within
+  ``max(C, (tau - r) // 4)`` steps of ``r`` (``p - r``, 0 without one):
+  ``(end - r) + 1 + K* h + (p - r)``.
 
 A request older than the window cannot be unlearned from the log (only by
 retraining). FLOPs per gradient-equivalent are the usual estimate ``6 P T``
@@ -61,6 +66,10 @@ from .shapes import ModelShape
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
 # What a float from training looks like in JSON: 17 significant digits.
 _LOSS, _NORM = 2.3456789012345678, 0.81234567890123456
+#: the files of a one-process checkpoint (``train.checkpoint``), each hashed in ``checksums.json``
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.json", "optimizer.safetensors", "rng.json", "rng.safetensors",
+                    "scheduler.json", "trainer_state.json")
+_SHA256 = "0" * 64
 MAX_SAMPLED_STEPS = 256  # log lines are encoded for at most this many steps, then scaled
 
 
@@ -184,8 +193,16 @@ class Planner:
                    if step > 0 and self.t.optimizer == "sgd" and not self.t.momentum else {})
         opt_json = _json_file({"param_groups": groups, "scalars": scalars})
         sched = _json_file({**self.scheduler.state_dict(), "last_epoch": step, "_step_count": step + 1})
-        other = opt_json + sched + self._rng_bytes() + self._trainer_state_bytes(step)
+        other = opt_json + sched + self._rng_bytes() + self._trainer_state_bytes(step) + self._checksums_bytes()
         return {"weights": weights, "optimizer": opt_t, "other": other, "total": weights + opt_t + other}
+
+    @staticmethod
+    def _file_hashes() -> dict[str, str]:
+        """``{file: sha256}`` of one checkpoint (``train.checkpoint``: one process, every file hashed)."""
+        return {name: _SHA256 for name in CHECKPOINT_FILES}
+
+    def _checksums_bytes(self) -> int:
+        return _json_file({"algorithm": "sha256", "files": self._file_hashes()})
 
     def _rng_bytes(self) -> int:
         if not hasattr(self, "_rng"):
@@ -256,8 +273,9 @@ class Planner:
         status = {"run_fingerprint": "0" * 32, "storage": self.settings.storage, "world_size": self.run.world_size,
                   "closed": True, "last_step": tau - 1, "first_step": lo, "updated": 1796164604.9627826,
                   "format_version": 1}
-        out_dir = str(self.t.output_dir)
-        points = [{"step": s, "path": f"{out_dir}/checkpoint-{s}", "kind": "checkpoint"} for s in self.checkpoint_steps()]
+        # paths relative to the log directory, with the hashes of the checkpoint's files (``trajectory.restore``)
+        points = [{"step": s, "path": f"../checkpoint-{s}", "kind": "checkpoint", "files": self._file_hashes()}
+                  for s in self.checkpoint_steps()]
         fixed = {
             "meta.json": self._meta_bytes(),
             "checkpoints.json": len(json.dumps({"format_version": 1, "restore_points": points},
@@ -301,17 +319,28 @@ class Planner:
         replay = tau - restore
         end = min(tau, t_z + K + 1)
         k_star = min(K, tau - t_z - 1)
-        lmc = (end - restore) + 1 + k_star * hvp_cost
+        probe = self.probe_steps(t_z, restore)
+        lmc = (end - restore) + 1 + k_star * hvp_cost + probe
         row.update({
             "in_window": True, "restored_from": restore,
             "replay": {"steps": replay, "grad_equivalents": float(replay)},
             "lmcleaner": {"K": K, "hessian_mode": hessian_mode, "recovery_steps": end - restore,
                           "hvp_directions": k_star, "hvp_cost_in_grads": hvp_cost, "injection_grads": 1,
+                          "error_probe_steps": probe,
                           "grad_equivalents": float(lmc)},
             "lmcleaner_over_replay": lmc / replay if replay else None,
             "regime": ("LMCleaner cheaper" if lmc < replay else "replay cheaper (recent request or K too large)"),
         })
         return row
+
+    def probe_steps(self, t_z: int, restore: int) -> int:
+        """Steps replayed for the error estimate (``unlearn.handlers._correction``): one exact
+        counterfactual replay from ``restore`` to the last checkpoint after the use that is at
+        most ``max(C, (tau - restore) // 4)`` steps past ``restore``; 0 when none is."""
+        tau, c = self.run.steps, self.settings.checkpoint_interval
+        budget = max(c, (tau - restore) // 4)
+        points = [p for p in self.checkpoint_steps() if t_z < p < tau and p - restore <= budget]
+        return points[-1] - restore if points else 0
 
     def flops_per_grad(self) -> float:
         tokens = self.run.global_batch * self.run.seq_len

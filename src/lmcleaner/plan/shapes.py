@@ -69,13 +69,16 @@ def resolve_config(mcfg) -> tuple[object, str, str]:
         tok = embedded_tokenizer()
         return EMBEDDED_CONFIGS[name](mcfg, len(tok), tok), name, "embedded preset"
     if is_config_file(name):
-        return load_config_file(name), name, "config file"
+        return load_config_file(name, bool(mcfg.trust_remote_code)), name, "config file"
     if Path(name).is_dir():
         from transformers import AutoConfig
 
+        from ..config.received import guard_remote_code
+
         if not (Path(name) / "config.json").is_file():
             raise PlanError(f"{name} has no config.json: give a model directory or a config JSON file")
-        return AutoConfig.from_pretrained(name), name, "local directory"
+        trust = guard_remote_code(name, bool(mcfg.trust_remote_code))  # shapes only, but never its code unasked
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust), name, "local directory"
     known = known_config(name)
     if known is not None:
         from transformers import AutoConfig

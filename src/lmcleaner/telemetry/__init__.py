@@ -37,7 +37,7 @@ from .names import (
     get_system_logger,
     get_training_logger,
 )
-from .progress import log_model_output, log_training_progress
+from .progress import PlainProgress, log_model_output, log_training_progress, progress_bar
 from .protocol import LoggingMetricLogger, MetricLogger, NullMetricLogger
 from .records import MetricRecordsFilter, PlainMessagesFilter, emit_metrics
 from .resources import (
@@ -100,6 +100,8 @@ __all__ = [
     # helpers
     "log_training_progress",
     "log_model_output",
+    "progress_bar",
+    "PlainProgress",
     "log_memory_usage",
     "sample_resources",
     "ResourceMonitor",

@@ -1,19 +1,22 @@
 """The training engine on Accelerate."""
 
-from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
-from .engine import Engine, NullObserver, run_step, step_seed
-from .export import export_model
-from .hooks import NullRecorder
-from .loss import IGNORE_INDEX, count_supervised, per_sample_nll, token_nll_sum
-from .model import build_model
-from .optim import build_optimizer, build_scheduler, optimizer_spec
-from .router import compute_router_auxiliary_loss
-from .state import TrainState
-from .trainer import Trainer, TrainingError
+# Exports are resolved lazily (PEP 562): ``lmcleaner --help`` imports the subcommand modules
+# that live here (``train.cli_pretrain``), and importing this package must not import torch.
+from ..lazy import lazy_exports
 
-__all__ = [
-    "CheckpointError", "list_checkpoints", "load_checkpoint", "save_checkpoint", "Engine", "NullObserver",
-    "run_step", "step_seed", "export_model", "NullRecorder", "IGNORE_INDEX", "count_supervised",
-    "per_sample_nll", "token_nll_sum", "build_model", "build_optimizer", "build_scheduler", "optimizer_spec",
-    "compute_router_auxiliary_loss", "TrainState", "Trainer", "TrainingError",
-]
+_EXPORTS = {
+    "CheckpointError": "checkpoint", "list_checkpoints": "checkpoint", "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "Engine": "engine", "NullObserver": "engine", "run_step": "engine", "step_seed": "engine",
+    "export_model": "export",
+    "NullRecorder": "hooks",
+    "IGNORE_INDEX": "loss", "count_supervised": "loss", "per_sample_nll": "loss", "token_nll_sum": "loss",
+    "build_model": "model",
+    "build_optimizer": "optim", "build_scheduler": "optim", "optimizer_spec": "optim",
+    "compute_router_auxiliary_loss": "router",
+    "TrainState": "state",
+    "Trainer": "trainer", "TrainingError": "trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

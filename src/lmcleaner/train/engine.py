@@ -24,8 +24,9 @@ import torch
 
 from ..data.collate import Collator
 from ..trajectory.types import StepRecord
+from . import distributed
 from .loss import token_nll_sum
-from .router import RouterAux
+from .router import RouterAux, has_samples
 
 
 class StepObserver(Protocol):
@@ -84,7 +85,12 @@ class Engine:
         return self.accelerator.unwrap_model(self.model)
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
+        """The live trainable parameters (``DTensor`` shards under FSDP)."""
         return {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+
+    def full_trainable(self) -> dict[str, torch.Tensor]:
+        """Detached full copies of the trainable parameters (a collective under FSDP)."""
+        return distributed.gather(self.trainable())
 
     @property
     def router_aux(self) -> RouterAux | None:
@@ -99,6 +105,32 @@ def _filter(micro_batches: list[list[int]], excluded: set[int]) -> list[list[int
     if not excluded:
         return [list(mb) for mb in micro_batches]
     return [[i for i in mb if i not in excluded] for mb in micro_batches]
+
+
+def micro_batch_loss(model, batch: dict, device, normaliser: int, world_size: int, n_micro: int,
+                     router: RouterAux | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, NLL sum) of one micro-batch: ``NLL * world_size / N`` (+ router term).
+
+    ``N`` is the whole step's supervised-token count and ``n_micro`` its
+    micro-batches holding a sample (``M+``, all ranks). ``router``: the run's
+    router term (``Engine.router_aux``; a mixture of experts trained with
+    router losses), else None; a micro-batch holding a sample then adds
+    ``A(B) * world_size / M+``, so the step's term is the mean of ``A`` over
+    its non-empty micro-batches (``router.py``). Shared with
+    :mod:`lmcleaner.integrations` so a recorded Hugging Face ``Trainer`` step
+    computes exactly what a replayed step computes.
+    """
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    if router is not None:
+        inputs["output_router_logits"] = True
+    out = model(**inputs, use_cache=False)
+    nll = token_nll_sum(out.logits, batch["labels"].to(device))
+    # DDP averages over ranks; multiplying by the world size turns that into a sum.
+    loss = nll * (world_size / normaliser) if normaliser > 0 else nll * 0.0
+    if router is not None and n_micro > 0 and has_samples(batch) and getattr(out, "router_logits", None) is not None:
+        # DDP averages over ranks: world_size / M+ per micro-batch makes the step's term sum_b A_b / M+
+        loss = loss + router.loss(out.router_logits, batch) * (world_size / n_micro)
+    return loss, nll
 
 
 def run_step(engine: Engine, step: int, epoch: int, micro_batches: list[list[int]],
@@ -125,17 +157,7 @@ def run_step(engine: Engine, step: int, epoch: int, micro_batches: list[list[int
         is_last = m == len(mine) - 1
         ctx = acc.no_sync(engine.model) if (ws > 1 and not is_last) else _nullcontext()
         with ctx:
-            inputs = {"input_ids": batch["input_ids"].to(acc.device),
-                      "attention_mask": batch["attention_mask"].to(acc.device)}
-            if router is not None:
-                inputs["output_router_logits"] = True
-            out = engine.model(**inputs, use_cache=False)
-            nll = token_nll_sum(out.logits, batch["labels"].to(acc.device))
-            # DDP averages over ranks; multiplying by the world size turns that into a sum.
-            loss = nll * (ws / normaliser) if normaliser > 0 else nll * 0.0
-            if router is not None and ids and getattr(out, "router_logits", None) is not None:
-                # DDP averages over ranks: ws / M+ per micro-batch makes the step's term sum_b A_b / M+
-                loss = loss + router.loss(out.router_logits, batch) * (ws / n_micro)
+            loss, nll = micro_batch_loss(engine.model, batch, acc.device, normaliser, ws, n_micro, router)
             acc.backward(loss)
         nll_total += nll.detach().double().cpu()
 
@@ -148,7 +170,7 @@ def run_step(engine: Engine, step: int, epoch: int, micro_batches: list[list[int
         acc.unscale_gradients()
         grads = [p.grad for p in params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-    grad_norm = float(grad_norm)
+    grad_norm = float(distributed.full(grad_norm))  # FSDP: a replicated DTensor
     lrs = engine.applied_lrs()
     engine.optimizer.step()
     engine.scheduler.step()

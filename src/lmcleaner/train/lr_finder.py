@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from ..telemetry.progress import progress_bar
 from .engine import run_step
 from .hooks import NullRecorder
 from .trainer import Trainer
@@ -47,7 +47,7 @@ def find_lr(config, start_lr: float = 1e-6, end_lr: float = 1.0, num_steps: int 
 
     real_sched, eng.scheduler = eng.scheduler, _FixedLR()
     try:
-        for i in tqdm(range(num_steps), desc="lr-find", disable=not config.training.progress_bar):
+        for i in progress_bar(range(num_steps), desc="lr-find", enabled=config.training.progress_bar):
             lr = start_lr * gamma**i
             for g, r in zip(eng.optimizer.param_groups, ratios):
                 g["lr"] = lr * r

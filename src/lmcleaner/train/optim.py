@@ -11,7 +11,9 @@ _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_wit
 
 
 def param_groups(named_params: dict[str, torch.nn.Parameter], t) -> list[dict]:
-    """Split by name: ``memory`` -> memory_lr, ``lora_`` -> lora_lr, rest -> base_model_lr.
+    """Split by name: ``memory`` -> memory_lr, ``lora_`` -> lora_lr, rest -> base_model_lr;
+    names listed in ``weight_decay_exclude`` go to a ``<group>_no_decay`` twin with
+    weight decay 0 (Hugging Face ``Trainer``'s rule for biases and norms).
 
     Empty groups are dropped; the group order is fixed so checkpoints and the
     recorded per-group learning rates line up across runs.
@@ -21,6 +23,7 @@ def param_groups(named_params: dict[str, torch.nn.Parameter], t) -> list[dict]:
         ("memory", "memory", t.memory_lr if t.memory_lr is not None else base),
         ("lora", "lora_", t.lora_lr if t.lora_lr is not None else t.learning_rate),
     ]
+    no_decay = set(getattr(t, "weight_decay_exclude", None) or ())
     groups: dict[str, dict] = {}
     for name, p in named_params.items():
         gname, lr = "base", base
@@ -28,11 +31,14 @@ def param_groups(named_params: dict[str, torch.nn.Parameter], t) -> list[dict]:
             if pattern in name:
                 gname, lr = key, rule_lr
                 break
-        g = groups.setdefault(gname, {"name": gname, "lr": lr, "params": [], "param_names": [],
-                                      "weight_decay": t.weight_decay})
+        wd = t.weight_decay
+        if name in no_decay:
+            gname, wd = gname + "_no_decay", 0.0
+        g = groups.setdefault(gname, {"name": gname, "lr": lr, "params": [], "param_names": [], "weight_decay": wd})
         g["params"].append(p)
         g["param_names"].append(name)
-    return [groups[k] for k in ("memory", "lora", "base") if k in groups]
+    order = [k + suffix for k in ("memory", "lora", "base") for suffix in ("", "_no_decay")]
+    return [groups[k] for k in order if k in groups]
 
 
 def build_optimizer(named_params: dict[str, torch.nn.Parameter], t) -> torch.optim.Optimizer:

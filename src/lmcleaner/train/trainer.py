@@ -19,18 +19,20 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from .. import telemetry
 from ..config.loader import to_dict
 from ..data import BatchPlan, Collator, build_dataset, load_tokenizer
 from . import checkpoint as ckpt
+from . import distributed
 from .engine import Engine, run_step
 from .export import export_model
 from .hooks import NullRecorder
 from .loss import per_sample_nll
 from .model import build_model
 from .optim import build_optimizer, build_scheduler, optimizer_spec
+from .outputs import clean_stale
+from .runlock import lock_dirs
 from .state import TrainState
 
 log = logging.getLogger("lmcleaner.training")
@@ -50,6 +52,46 @@ class TrainingError(RuntimeError):
     pass
 
 
+def _configured_unlearner(t) -> OnlineUnlearner | None:
+    """``training.online_unlearning.method=...`` (the command line's way to attach one)."""
+    oc = getattr(t, "online_unlearning", None)
+    if oc is None or not oc.method:
+        return None
+    import dataclasses
+
+    from ..unlearn.online import OnlineUnlearner as Online
+    from ..unlearn.registry import get_method, method_config
+
+    cls = get_method(oc.method)  # a one-line error for an unknown name, before anything runs
+    # K, hessian_mode, damping belong to the LMCleaner methods; replay (exact) and others take what they have
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    args = {k: v for k, v in (("K", oc.K), ("hessian_mode", oc.hessian_mode), ("damping", oc.damping))
+            if k in fields}
+    method_config(cls, args)  # bad values fail now too
+    return Online(cls.name, **args)
+
+
+def run_meta(config, engine: Engine, spec, total_steps: int, output_dir) -> dict[str, Any]:
+    """What the trajectory recorder writes into ``meta.json`` about a run (also used by
+    :mod:`lmcleaner.integrations` for Hugging Face ``Trainer`` runs)."""
+    t = config.training
+    return {
+        "config": to_dict(config),
+        "optimizer": spec.to_json(),
+        "dataset_fingerprint": engine.dataset.fingerprint,
+        "num_samples": len(engine.dataset),
+        "model_fingerprint": model_fingerprint(engine.trainable()),
+        "world_size": engine.world_size,
+        "batch_size": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "seed": t.seed,
+        "total_steps": total_steps,
+        # CPU kernels reduce in a thread-count-dependent order: replay needs the same count to be bit-exact.
+        "torch_num_threads": torch.get_num_threads(),
+        "output_dir": str(output_dir),
+    }
+
+
 def model_fingerprint(params: dict[str, torch.Tensor]) -> str:
     """Names, shapes and dtypes of the trainable parameters (architecture identity)."""
     import hashlib
@@ -60,31 +102,20 @@ def model_fingerprint(params: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:32]
 
 
-def _accelerator(mixed_precision: str) -> Accelerator:
-    """A fresh Accelerator; the process-wide AcceleratorState is reset when an
-    earlier run in this process used another precision (the process group,
-    held by PartialState, is kept)."""
-    from accelerate.state import AcceleratorState
-
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") not in (None, mixed_precision):
-        AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
-
-
 class Trainer:
     def __init__(self, config, model: torch.nn.Module | None = None, tokenizer=None, recorder=None,
                  online_unlearner: OnlineUnlearner | None = None, accelerator: Accelerator | None = None):
         self.config = config
         self.t = config.training
-        self.online_unlearner = online_unlearner
+        self.online_unlearner = online_unlearner if online_unlearner is not None else _configured_unlearner(self.t)
         self._pending: list[dict] = []
-        self.accelerator = accelerator or _accelerator(self.t.mixed_precision)
+        self.accelerator = accelerator or distributed.build_accelerator(self.t)
         set_seed(self.t.seed)
         if self.t.torch_threads > 0:
             torch.set_num_threads(self.t.torch_threads)
         # Everything that can fail on bad input happens before the output dir exists.
-        self.tokenizer = tokenizer or load_tokenizer(config.model.tokenizer, config.model.name_or_path)
+        self.tokenizer = tokenizer or load_tokenizer(config.model.tokenizer, config.model.name_or_path,
+                                                    config.model.trust_remote_code)
         show = self.t.progress_bar and self.accelerator.is_main_process
         self.dataset = build_dataset(self.t, self.tokenizer, progress=show)
         self.eval_dataset = None
@@ -101,6 +132,11 @@ class Trainer:
             enable()
         named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         optimizer = build_optimizer(named, self.t)
+        self.sharded = distributed.is_fsdp(self.accelerator)
+        if self.sharded:
+            self._check_fsdp(config)
+        # FSDP: a tensor-free copy taken before sharding, so exports can build an unsharded model
+        self._skeleton = distributed.meta_skeleton(self.model) if self.sharded else None
         self.plan = BatchPlan(len(self.dataset), self.t.batch_size, self.t.gradient_accumulation_steps,
                               self.accelerator.num_processes, self.t.seed)
         total = self.t.max_steps if self.t.max_steps > 0 else self.t.num_epochs * self.plan.steps_per_epoch
@@ -114,6 +150,25 @@ class Trainer:
         self.optimizer_spec = optimizer_spec(optimizer, self.t)
 
     # ----------------------------------------------------------------- setup
+    @staticmethod
+    def _check_fsdp(config) -> None:
+        storage = config.training_logger.storage if config.training_logger.enabled else "light"
+        if storage != "light":
+            raise TrainingError(f"training_logger.storage={storage} stores per-step full tensors, which FSDP shards; "
+                                "use training_logger.storage=light with distributed_strategy=fsdp, or ddp")
+
+    def plain_model(self, here: bool = True, device: str | torch.device = "cpu") -> torch.nn.Module | None:
+        """An unsharded copy of the model as it is now (FSDP: a collective, every rank calls
+        it; ``here``: whether this rank keeps the copy, built on ``device``)."""
+        return distributed.plain_copy(self.engine.unwrapped, self._skeleton, here=here, device=device)
+
+    def _export(self, path: Path) -> None:
+        """``from_pretrained`` directory on the main process (FSDP: gathered from every rank first)."""
+        main = self.accelerator.is_main_process
+        model = self.plain_model(here=main) if self.sharded else self.engine.unwrapped
+        if main:
+            export_model(model, self.tokenizer, path, self.t.save_precision)
+
     def _find_resume(self, where: str) -> Path:
         if where == "latest":
             found = ckpt.list_checkpoints(self.t.output_dir)
@@ -130,28 +185,14 @@ class Trainer:
             return NullRecorder()
         from ..trajectory import FollowerRecorder, TrainingLogger
 
-        if not self.accelerator.is_main_process:
-            return FollowerRecorder(lcfg)  # same checkpoint decisions (all ranks reach the barrier), writes nothing
-
         log_dir = Path(lcfg.log_dir) if lcfg.log_dir else self.output_dir / "training_log"
+        if not self.accelerator.is_main_process:
+            # same checkpoint decisions (all ranks reach the barrier); reads the main rank's log, writes nothing
+            return FollowerRecorder(lcfg, log_dir)
         return TrainingLogger(lcfg, log_dir)
 
     def run_meta(self) -> dict[str, Any]:
-        return {
-            "config": to_dict(self.config),
-            "optimizer": self.optimizer_spec.to_json(),
-            "dataset_fingerprint": self.dataset.fingerprint,
-            "num_samples": len(self.dataset),
-            "model_fingerprint": model_fingerprint(self.engine.trainable()),
-            "world_size": self.accelerator.num_processes,
-            "batch_size": self.t.batch_size,
-            "gradient_accumulation_steps": self.t.gradient_accumulation_steps,
-            "seed": self.t.seed,
-            "total_steps": self.state.total_steps,
-            # CPU kernels reduce in a thread-count-dependent order: replay needs the same count to be bit-exact.
-            "torch_num_threads": torch.get_num_threads(),
-            "output_dir": str(self.output_dir),
-        }
+        return run_meta(self.config, self.engine, self.optimizer_spec, self.state.total_steps, self.output_dir)
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self, reason: str) -> Path | None:
@@ -160,12 +201,16 @@ class Trainer:
         if reason not in self.state.checkpoint_reasons[s]:
             self.state.checkpoint_reasons[s].append(reason)
         path = ckpt.checkpoint_dir(self.output_dir, s)
-        if self.accelerator.is_main_process:
-            trainer_state = {**self.state.to_json(), "config": to_dict(self.config),
-                             "dataset_fingerprint": self.dataset.fingerprint,
-                             "world_size": self.accelerator.num_processes}
+        trainer_state = {**self.state.to_json(), "config": to_dict(self.config),
+                         "dataset_fingerprint": self.dataset.fingerprint,
+                         "world_size": self.accelerator.num_processes}
+        if self.sharded:  # every rank writes its part
             ckpt.save_checkpoint(path, self.engine.trainable(), self.engine.optimizer, self.engine.scheduler,
-                                 trainer_state)
+                                 trainer_state, ckpt.Ranks.of(self.accelerator))
+        if self.accelerator.is_main_process:
+            if not self.sharded:
+                ckpt.save_checkpoint(path, self.engine.trainable(), self.engine.optimizer, self.engine.scheduler,
+                                     trainer_state)
             self.recorder.on_checkpoint(s, path)
             self._rotate()
         self.accelerator.wait_for_everyone()
@@ -220,12 +265,33 @@ class Trainer:
                 req = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a request still being written; read it next step
+            ok = isinstance(req, dict) and isinstance(req.get("ids"), list) and all(
+                isinstance(i, int) and not isinstance(i, bool) for i in req["ids"])
+            if not ok:
+                raise TrainingError(f"{path}: {line.strip()[:60]!r} is not a deletion request; write lines like "
+                                    '{"request_id": "r1", "ids": [17, 203]}')
             rid = str(req.get("request_id", ""))
             if rid and rid not in self.state.processed_requests and all(p["request_id"] != rid for p in self._pending):
                 self._pending.append({"request_id": rid, "ids": [int(i) for i in req["ids"]]})
 
+    def _sync_requests(self) -> None:
+        """Several ranks: every rank applies the union of all ranks' pending requests (in rank
+        order, one per request id), so a request is seen by all at the same step."""
+        merged, seen = [], set()
+        for part in distributed.all_gather_json(self._pending or None, self.accelerator):
+            for req in part or []:
+                if req["request_id"] not in seen:
+                    seen.add(req["request_id"])
+                    merged.append(req)
+        self._pending = merged
+
     def _apply_requests(self) -> None:
-        self._poll_request_file()
+        if self.accelerator.is_main_process:  # one reader of the request file; _sync_requests shares it
+            self._poll_request_file()
+        # one small collective per step, only where requests can be served (the same on every rank);
+        # without an unlearner a request fails on the rank that got it, and torchrun stops the others
+        if self.accelerator.num_processes > 1 and (self.online_unlearner is not None or self.t.forget_request_file):
+            self._sync_requests()
         while self._pending:
             req = self._pending.pop(0)
             ids = [i for i in req["ids"] if i not in self.state.excluded]
@@ -233,8 +299,9 @@ class Trainer:
             if bad:
                 raise TrainingError(f"deletion request {req['request_id']}: unknown sample ids {bad[:5]}")
             if self.online_unlearner is None:
-                raise TrainingError("a deletion request arrived but no online unlearner is attached "
-                                    "(pass Trainer(..., online_unlearner=lmcleaner.unlearn.OnlineUnlearner(...)))")
+                raise TrainingError("a deletion request arrived but no online unlearner is attached: set "
+                                    "training.online_unlearning.method=LMCleanerSample (or replay), or pass "
+                                    "Trainer(..., online_unlearner=lmcleaner.unlearn.OnlineUnlearner(...))")
             info = self.online_unlearner(self, ids, self.state.step) if ids else {}
             for i in ids:
                 self.state.excluded[i] = self.state.step
@@ -271,14 +338,31 @@ class Trainer:
         improved = best is None or value < best - self.t.early_stopping_threshold
         if improved:
             self.state.best_metric, self.state.best_step, self.state.bad_evals = value, self.state.step, 0
-            if self.t.save_best_model and self.accelerator.is_main_process:
-                export_model(self.engine.unwrapped, self.tokenizer, self.output_dir / "best_model", self.t.save_precision)
+            if self.t.save_best_model:
+                self._export(self.output_dir / "best_model")
         else:
             self.state.bad_evals += 1
         return self.t.early_stopping and self.state.bad_evals >= self.t.early_stopping_patience
 
     # ------------------------------------------------------------------ loop
     def train(self) -> TrainState:
+        """Train (or resume) to the step budget while holding the run's exclusive lock."""
+        if self.t.forget_request_file and self.online_unlearner is None:  # before anything is created
+            raise TrainingError(f"training.forget_request_file={self.t.forget_request_file} needs an online "
+                                "unlearner: set training.online_unlearning.method=LMCleanerSample (or replay)")
+        locks = []
+        if self.accelerator.is_main_process:  # one writer per run: a second one is refused here, writing nothing
+            lcfg = self.config.training_logger
+            dirs = [self.output_dir] + ([Path(lcfg.log_dir)] if lcfg.enabled and lcfg.log_dir else [])
+            locks = lock_dirs(dirs, ["training.output_dir", "training_logger.log_dir"])
+            clean_stale(self.output_dir)  # temp dirs of a killed writer (checkpoint-N.tmp-PID)
+        try:
+            return self._train_locked()
+        finally:
+            for lk in locks:
+                lk.release()
+
+    def _train_locked(self) -> TrainState:
         acc = self.accelerator
         if self._resume_path is not None:
             self._resume()
@@ -288,8 +372,8 @@ class Trainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         owns_telemetry = self._start_telemetry()
-        bar = tqdm(total=self.state.total_steps, initial=self.state.step, desc="train",
-                   disable=not (self.t.progress_bar and acc.is_main_process), dynamic_ncols=True)
+        bar = telemetry.progress_bar(total=self.state.total_steps, initial=self.state.step, desc="train",
+                                     enabled=self.t.progress_bar and acc.is_main_process, unit="step")
         t0, tokens = time.perf_counter(), 0
         try:
             self.recorder.on_train_begin(self.engine, self.run_meta(), self.state.step)
@@ -335,11 +419,12 @@ class Trainer:
         finally:
             bar.close()
             self.recorder.close()
+        self._export(self.output_dir / "final_model")
         if acc.is_main_process:
-            export_model(self.engine.unwrapped, self.tokenizer, self.output_dir / "final_model", self.t.save_precision)
             ckpt.write_json_atomic(self.output_dir / "trainer_state.json",
                                    {**self.state.to_json(), "config": to_dict(self.config),
-                                    "dataset_fingerprint": self.dataset.fingerprint})
+                                    "dataset_fingerprint": self.dataset.fingerprint,
+                                    "world_size": acc.num_processes})
             telemetry.log_memory_usage(self.state.step)
             stats = _recorder_stats(self.recorder)
             if stats:

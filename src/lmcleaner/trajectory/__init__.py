@@ -15,10 +15,12 @@ Read and replay::
 """
 
 # Exports are resolved lazily (PEP 562): ``train.engine`` imports ``trajectory.types``
-# while ``trajectory.logger`` imports ``train``; eager imports here would be circular.
-from .types import OptimizerSpec, ParamGroupSpec, ReplayedStep, StepRecord
+# while ``trajectory.logger`` imports ``train``; eager imports here would be circular,
+# and ``lmcleaner --help`` must not import torch.
+from ..lazy import lazy_exports
 
 _EXPORTS = {
+    "OptimizerSpec": "types", "ParamGroupSpec": "types", "ReplayedStep": "types", "StepRecord": "types",
     "TrajectoryLogError": "jsonl",
     "FORMAT_VERSION": "layout", "run_fingerprint": "layout",
     "FollowerRecorder": "logger", "RecorderStats": "logger", "TrainingLogger": "logger",
@@ -30,18 +32,5 @@ _EXPORTS = {
     "apply_update": "updates", "encode_update": "updates",
 }
 
-__all__ = sorted([*_EXPORTS, "OptimizerSpec", "ParamGroupSpec", "ReplayedStep", "StepRecord"])
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -22,8 +22,9 @@ recorded steps, the replayable window, storage mode, bytes per step (log
 files only; checkpoints are listed separately), restore points, online
 deletion events and the state of the tail (torn / not closed).
 
-Exit status: 0 ok, 1 the log is invalid (message names the file and the
-last valid step), 2 bad usage."""
+Exit status: 0 ok, 2 the log is invalid (one line naming the file and the
+last valid step) or bad usage. A corrupted (not merely torn) file is named
+as such; --tolerant says which intact steps it leaves out."""
 
 EPILOG = """\
 examples:
@@ -130,7 +131,8 @@ def _tail_text(t: dict[str, Any]) -> str:
     if not t["problems"]:
         return "clean, closed" if t["closed"] else "clean, not closed (live run, or killed between flushes)"
     probs = "; ".join(f"{p['file']}: {p['message']}" for p in t["problems"])
-    return f"TORN after step {t['last_valid_step']}: {probs}"
+    state = "CORRUPTED (not a crash's torn tail)" if t.get("corrupt") else "TORN"
+    return f"{state} after step {t['last_valid_step']}: {probs}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"error": str(err)}))
         else:
-            print(f"error: {err}", file=sys.stderr)
-        return 1
+            print(f"lmcleaner inspect: error: {err}", file=sys.stderr)
+        return 2
     print(json.dumps(s, indent=2) if args.json else format_text(s))
     return 0
 

@@ -71,10 +71,17 @@ class ScanResult:
     valid_bytes: int = 0
     total_bytes: int = 0
     bad_line: int | None = None  # 1-based line number of the first bad line
+    intact_after: int = 0  # intact lines after the bad one: > 0 means damage in the middle, not a torn tail
 
     @property
     def torn_bytes(self) -> int:
         return self.total_bytes - self.valid_bytes
+
+    @property
+    def corrupt(self) -> bool:
+        """The bad line is followed by intact ones: the file was damaged in the middle
+        (a crash only ever tears the *end* of an append-only file)."""
+        return self.intact_after > 0
 
 
 def scan(path: str | Path) -> ScanResult:
@@ -99,6 +106,9 @@ def scan(path: str | Path) -> ScanResult:
         pos = end + 1
         n += 1
     res.valid_bytes = pos
+    if res.bad_line is not None:
+        rest = data[pos:].split(b"\n")[1:]  # the lines after the bad one
+        res.intact_after = sum(1 for line in rest if line and decode_line(line + b"\n") is not None)
     return res
 
 
@@ -115,12 +125,18 @@ def write_json_atomic(path: Path, data: Any, fsync: bool = True) -> None:
 def write_bytes_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
     """Temp file + rename: a reader sees the old or the new document, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        from ..train.outputs import with_filename
+
+        tmp.unlink(missing_ok=True)  # disk full: no temp file left behind
+        raise with_filename(err, path) from None
 
 
 def read_json(path: Path) -> Any:

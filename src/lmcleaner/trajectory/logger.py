@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 
 from ..train import checkpoint as ckpt
+from ..train import distributed as dist_utils
 from ..train.engine import step_seed
 from ..train.hooks import NullRecorder
 from . import layout, restore
@@ -169,6 +171,9 @@ class TrainingLogger(NullRecorder):
             "torch_num_threads": torch.get_num_threads(),
             "torch_version": torch.__version__,
         })
+        if meta.get("output_dir"):  # the run directory as seen from the log: a copied run finds its own files
+            out["run_dir_relative"] = os.path.relpath(os.path.abspath(meta["output_dir"]),
+                                                      os.path.abspath(self.log_dir))
         out["run_fingerprint"] = layout.run_fingerprint(out)
         return out
 
@@ -217,7 +222,13 @@ class TrainingLogger(NullRecorder):
     def _add_resume_checkpoint(self, resume: int, meta: dict[str, Any]) -> None:
         path = ckpt.checkpoint_dir(meta.get("output_dir", ""), resume)
         if (path / "trainer_state.json").is_file():
-            self._points[(resume, restore.CHECKPOINT)] = restore.RestorePoint(resume, path.resolve())
+            files = ckpt.read_checksums(path)
+            known = self._points.get((resume, restore.CHECKPOINT))
+            if known is not None and known.files and files is not None and known.files != files:
+                raise TrajectoryLogError(f"{path} does not belong to the log in {self.log_dir} (its checksums.json "
+                                         f"differs from the hashes recorded in {layout.CHECKPOINTS}): resume from "
+                                         "the checkpoint this log recorded, or start a new run")
+            self._points[(resume, restore.CHECKPOINT)] = restore.RestorePoint(resume, path.resolve(), files=files)
 
     def close(self) -> None:
         if self._closed or self.writer is None:
@@ -311,6 +322,11 @@ class TrainingLogger(NullRecorder):
     def _raise_if_failed(self) -> None:
         if self.writer is not None and self.writer.error is not None:
             err = self.writer.error
+            if isinstance(err, OSError):  # disk full, read-only: one line naming the file and the fix
+                from ..train.outputs import describe_os_error
+
+                raise TrajectoryLogError(f"training log writer failed in {self.log_dir}: "
+                                         f"{describe_os_error(err)}") from err
             raise TrajectoryLogError(f"training log writer failed in {self.log_dir}: {err}") from err
 
     # ------------------------------------------------------- checkpoints
@@ -320,7 +336,8 @@ class TrainingLogger(NullRecorder):
         return step % self.settings.checkpoint_interval == 0
 
     def on_checkpoint(self, step: int, path) -> None:
-        self._points[(step, restore.CHECKPOINT)] = restore.RestorePoint(step, Path(path).resolve())
+        self._points[(step, restore.CHECKPOINT)] = restore.RestorePoint(step, Path(path).resolve(),
+                                                                        files=ckpt.read_checksums(path))
         self._prune_points(step)
         pending, self._before_checkpoint = self._before_checkpoint, None
         if pending is not None:
@@ -358,9 +375,9 @@ class TrainingLogger(NullRecorder):
         if ev.get("ids") and self.engine is not None:
             path = layout.anchor_dir(self.log_dir, step)
             path.parent.mkdir(parents=True, exist_ok=True)
-            ckpt.save_checkpoint(path, self._params, self.engine.optimizer, self.engine.scheduler,
-                                 {"step": step, "kind": "anchor", "request_id": ev.get("request_id")})
-            self._points[(step, restore.ANCHOR)] = restore.RestorePoint(step, path.resolve(), restore.ANCHOR)
+            save_anchor(self.engine, path, ev)
+            self._points[(step, restore.ANCHOR)] = restore.RestorePoint(step, path.resolve(), restore.ANCHOR,
+                                                                        files=ckpt.read_checksums(path))
             ev["anchor"] = str(path.relative_to(self.log_dir))
             if step not in self._event_steps:
                 self._event_steps.append(step)
@@ -380,19 +397,42 @@ class TrainingLogger(NullRecorder):
         return TrajectoryLog(self.log_dir)
 
 
+def save_anchor(engine, path: Path, event: dict[str, Any]) -> None:
+    """The exact state after an online correction (``anchors/step-<t>``). Plain
+    parameters: the main rank writes; sharded (FSDP): every rank writes its part."""
+    ckpt.save_checkpoint(path, engine.trainable(), engine.optimizer, engine.scheduler,
+                         {"step": int(event["step"]), "kind": "anchor", "request_id": event.get("request_id")},
+                         ckpt.Ranks.of(engine.accelerator))
+
+
 class FollowerRecorder(NullRecorder):
     """What ranks other than the main one get: records nothing, but asks for the
-    same checkpoints as the main rank's :class:`TrainingLogger`.
+    same checkpoints as the main rank's :class:`TrainingLogger`, knows where
+    that log is (an online request makes every rank read it: ``log_dir``, a
+    filesystem shared by the ranks) and writes its part of a sharded anchor.
 
     Why: ``Trainer.save_checkpoint`` ends with a barrier, so every rank must
     decide to checkpoint at the same steps or the run deadlocks.
     """
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, log_dir: str | Path | None = None):
         self.settings = config if isinstance(config, RecorderSettings) else resolve_settings(config)
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.engine = None
+
+    def on_train_begin(self, engine, meta: dict[str, Any], resume_step: int) -> None:
+        self.engine = engine
 
     def wants_checkpoint(self, step: int) -> bool:
         return step % self.settings.checkpoint_interval == 0
+
+    def flush(self, wait: bool = True, **_: Any) -> None:
+        """The main rank writes the log; the online unlearner waits for it with a barrier."""
+
+    def on_unlearn_event(self, event: dict[str, Any]) -> None:
+        if event.get("ids") and self.engine is not None and any(
+                dist_utils.is_sharded(p) for p in self.engine.trainable().values()):
+            save_anchor(self.engine, layout.anchor_dir(self.log_dir, int(event["step"])), event)
 
 
 def _barriers(meta: dict[str, Any]) -> list[int]:

@@ -8,10 +8,21 @@ describes what it left out in :attr:`tail`.
 
 ``steps.jsonl`` is the commit log: a step exists iff its checksummed line is
 in the intact prefix. Everything else is checked against it.
+
+Torn versus corrupted: a crash only tears the *end* of an append-only file.
+A bad line followed by intact ones is damage in the middle (disk, editing,
+tampering) and is reported as such; ``tolerant=True`` still stops there but
+says how many intact steps it leaves out.
+
+A received log is data: ``meta.json`` is checked for the keys and types the
+reader needs (a one-line error naming the key otherwise), and checkpoints
+must belong to the log (their ``checksums.json`` equals the hashes recorded
+in ``checkpoints.json``; the files themselves are hashed when loaded).
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,15 +41,20 @@ from .writer import kept_micro_batches
 
 @dataclass
 class TailProblem:
-    """Something beyond the valid prefix (or inconsistent) in one file."""
+    """Something beyond the valid prefix (or inconsistent) in one file.
+
+    ``kind``: ``torn`` (the end of a file, as a crash leaves it), ``corrupt``
+    (damage followed by intact data) or ``inconsistent`` (files disagree)."""
 
     file: str
     message: str
     torn_bytes: int = 0
     line: int | None = None
+    kind: str = "torn"
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "message": self.message, "torn_bytes": self.torn_bytes, "line": self.line}
+        return {"file": self.file, "message": self.message, "torn_bytes": self.torn_bytes, "line": self.line,
+                "kind": self.kind}
 
 
 @dataclass
@@ -57,6 +73,11 @@ class TailReport:
     def torn_bytes(self) -> int:
         return sum(p.torn_bytes for p in self.problems)
 
+    @property
+    def corrupt(self) -> bool:
+        """Damage that a crash cannot explain (intact data after a bad line, mismatching files)."""
+        return any(p.kind != "torn" for p in self.problems)
+
     def describe(self) -> str:
         if not self.problems:
             return "clean" + ("" if self.closed else " (log not closed: the run is live or was killed between flushes)")
@@ -64,7 +85,8 @@ class TailReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"last_valid_step": self.last_valid_step, "closed": self.closed, "torn": self.torn,
-                "torn_bytes": self.torn_bytes, "problems": [p.to_json() for p in self.problems]}
+                "corrupt": self.corrupt, "torn_bytes": self.torn_bytes,
+                "problems": [p.to_json() for p in self.problems]}
 
 
 @dataclass(frozen=True)
@@ -86,28 +108,41 @@ class TrajectoryLog:
         if not (self.log_dir / layout.META).is_file():
             raise TrajectoryLogError(f"{self.log_dir}: not a training log (no {layout.META}); "
                                      "record one with training_logger.enabled=true")
-        self.meta: dict[str, Any] = read_json(self.log_dir / layout.META)
-        version = self.meta.get("format_version")
-        if version != layout.FORMAT_VERSION:
-            raise TrajectoryLogError(f"{self.log_dir / layout.META}: format version {version} is not supported "
-                                     f"(this lmcleaner reads version {layout.FORMAT_VERSION})")
+        self.meta: dict[str, Any] = _checked_meta(self.log_dir / layout.META, read_json(self.log_dir / layout.META))
+        self.optimizer_spec  # noqa: B018 - a malformed recorded optimizer is refused at open
         self._problems: list[TailProblem] = []
-        self._load_steps()
-        self._load_events()
-        self._load_samples()
-        self._load_shards()
-        self._load_index()
-        self._load_restore_points()
+        try:
+            self._load_steps()
+            self._load_events()
+            self._load_samples()
+            self._load_shards()
+            self._load_index()
+            self._load_restore_points()
+        except (KeyError, TypeError, AttributeError, IndexError) as err:
+            # checksummed lines that parse but lack fields: written by something else than lmcleaner
+            raise TrajectoryLogError(f"{self.log_dir}: malformed log entry ({type(err).__name__}: {err}); the log "
+                                     "is damaged or was not written by lmcleaner") from None
         self.tail = TailReport(self.last_step, bool(self._status.get("closed")), self._problems)
 
     # ------------------------------------------------------------- loading
-    def _problem(self, file: str, message: str, torn_bytes: int = 0, line: int | None = None) -> None:
+    def _problem(self, file: str, message: str, torn_bytes: int = 0, line: int | None = None,
+                 kind: str = "torn") -> None:
         last = self.last_step if hasattr(self, "_records") else None
         if not self.tolerant:
             where = f"last valid step {last}" if last is not None else "no valid step"
             raise TrajectoryLogError(f"{self.log_dir / file}: {message} ({where}); open with tolerant=True "
                                      "(lmcleaner inspect --tolerant) to use the valid prefix")
-        self._problems.append(TailProblem(file, message, torn_bytes, line))
+        self._problems.append(TailProblem(file, message, torn_bytes, line, kind))
+
+    @staticmethod
+    def _damage(res, what: str) -> tuple[str, str]:
+        """(message, kind) for the bad region of a scanned JSONL file."""
+        if res.corrupt:
+            return (f"line {res.bad_line} is corrupted and {res.intact_after} intact line(s) follow it: the file "
+                    f"was damaged in the middle, not torn by a crash; {what} after line {res.bad_line - 1} "
+                    f"(including those {res.intact_after} intact one(s)) are NOT used", "corrupt")
+        return (f"torn or corrupted tail at line {res.bad_line} ({res.torn_bytes} bytes after byte "
+                f"{res.valid_bytes})", "torn")
 
     def _load_steps(self) -> None:
         res = scan(self.log_dir / layout.STEPS)
@@ -121,12 +156,13 @@ class TrajectoryLog:
             except TypeError as err:
                 cut_line = k + 1
                 self._records = records
-                self._problem(layout.STEPS, f"line {k + 1} is not a step record ({err})", line=k + 1)
+                self._problem(layout.STEPS, f"line {k + 1} is not a step record ({err})", line=k + 1,
+                              kind="corrupt")
                 break
             if records and rec.step != records[-1].step + 1:
                 self._records = records
                 self._problem(layout.STEPS, f"step {rec.step} follows step {records[-1].step} at line {k + 1}",
-                              line=k + 1)
+                              line=k + 1, kind="corrupt")
                 cut_line = k + 1
                 break
             if rec.rng_seed is None:
@@ -136,9 +172,8 @@ class TrajectoryLog:
             records.append(rec)
         self._records = records
         if res.torn_bytes and cut_line is None:
-            self._problem(layout.STEPS, f"torn or corrupted tail at line {res.bad_line} "
-                                        f"({res.torn_bytes} bytes after byte {res.valid_bytes})",
-                          res.torn_bytes, res.bad_line)
+            message, kind = self._damage(res, "the steps")
+            self._problem(layout.STEPS, message, res.torn_bytes, res.bad_line, kind)
         self._by_step = {r.step: r for r in records}
 
     def _load_events(self) -> None:
@@ -146,7 +181,9 @@ class TrajectoryLog:
         last = self.last_step if self.last_step is not None else -1
         self._events = [e for e in res.entries if int(e.get("step", -1)) <= last]
         beyond = len(res.entries) - len(self._events)
-        if res.torn_bytes or beyond:
+        if res.corrupt:
+            self._problem(layout.EVENTS, self._damage(res, "the events")[0], res.torn_bytes, res.bad_line, "corrupt")
+        elif res.torn_bytes or beyond:
             self._problem(layout.EVENTS, f"{beyond} uncommitted event(s) and {res.torn_bytes} torn bytes after the "
                                          f"last committed step", res.torn_bytes, res.bad_line)
 
@@ -166,13 +203,17 @@ class TrajectoryLog:
                 continue  # pruned with the window
             uses[int(e["id"])].append(SampleUse(t, int(e["mb"]), int(e["pos"])))
             seen[t].append((int(e["id"]), int(e["mb"]), int(e["pos"])))
-        if res.torn_bytes or beyond:
+        if res.corrupt:
+            self._problem(layout.SAMPLES, self._damage(res, "the sample uses")[0], res.torn_bytes, res.bad_line,
+                          "corrupt")
+        elif res.torn_bytes or beyond:
             self._problem(layout.SAMPLES, f"{beyond} uncommitted line(s) and {res.torn_bytes} torn bytes after the "
                                           "last committed step", res.torn_bytes, res.bad_line)
         for r in self._records:
             want = [(i, m, p) for m, ids in enumerate(kept_micro_batches(r)) for p, i in enumerate(ids)]
             if seen.get(r.step, []) != want:
-                self._problem(layout.SAMPLES, f"entries for step {r.step} disagree with {layout.STEPS}")
+                self._problem(layout.SAMPLES, f"entries for step {r.step} disagree with {layout.STEPS}",
+                              kind="inconsistent")
                 break
         self._uses = dict(uses)
 
@@ -229,7 +270,7 @@ class TrajectoryLog:
         for k, mbs in doc.get("batches", {}).items():
             r = self._by_step.get(int(k))
             if r is not None and r.micro_batches != mbs:
-                self._problem(layout.BATCH_INDEX, f"step {k} disagrees with {layout.STEPS}")
+                self._problem(layout.BATCH_INDEX, f"step {k} disagrees with {layout.STEPS}", kind="inconsistent")
                 break
         self._status = doc
         if doc.get("closed") and doc.get("last_step") != self.last_step:
@@ -245,26 +286,41 @@ class TrajectoryLog:
                 self._problem(layout.CHECKPOINTS, str(err).split(": ", 1)[-1])
                 doc = {}
             for d in doc.get("restore_points", []):
-                p = RestorePoint.from_json(d, self.log_dir)
+                p = RestorePoint.from_json(d, self.log_dir, self.run_dir)
                 points[(p.step, p.kind)] = p
+        from ..train.checkpoint import CheckpointError, list_checkpoints, read_checksums, read_trainer_state
+
         # A checkpoint written just before a crash may not be in the index yet.
-        out = self.meta.get("output_dir")
         lo = self.first_step if self.first_step is not None else 0
         hi = (self.last_step + 1) if self.last_step is not None else lo
-        if out:
-            from ..train.checkpoint import list_checkpoints, read_trainer_state
-
-            for step, cpath in list_checkpoints(out).items():
-                if lo <= step <= hi and (step, restore.CHECKPOINT) not in points:
-                    try:
-                        fp = read_trainer_state(cpath).get("dataset_fingerprint")
-                    except Exception:
-                        continue
-                    if fp == self.meta.get("dataset_fingerprint"):
-                        points[(step, restore.CHECKPOINT)] = RestorePoint(step, cpath.resolve())
+        for step, cpath in list_checkpoints(self.run_dir).items():
+            if lo <= step <= hi and (step, restore.CHECKPOINT) not in points:
+                try:
+                    fp = read_trainer_state(cpath).get("dataset_fingerprint")
+                    files = read_checksums(cpath)
+                except CheckpointError:
+                    continue
+                if fp == self.meta.get("dataset_fingerprint"):
+                    points[(step, restore.CHECKPOINT)] = RestorePoint(step, cpath.resolve(), files=files)
         self.all_restore_points = sorted(points.values(), key=lambda p: (p.step, p.kind))
-        self._points = [p for p in self.all_restore_points
-                        if (p.path / "model.safetensors").is_file() and (p.step <= hi)]
+        from ..train.checkpoint import has_params
+
+        usable = []
+        for p in self.all_restore_points:
+            if not (has_params(p.path) and p.step <= hi):
+                continue
+            try:  # cheap: compares the hash tables; the files are hashed when loaded
+                own = read_checksums(p.path)
+            except CheckpointError as err:
+                self._problem(layout.CHECKPOINTS, str(err), kind="inconsistent")
+                continue
+            if p.files and own is not None and own != p.files:
+                self._problem(layout.CHECKPOINTS, f"{p.path} does not belong to this log (its {'checksums.json'} "
+                                                  f"differs from the hashes recorded for step {p.step})",
+                              kind="inconsistent")
+                continue
+            usable.append(p)
+        self._points = usable
         self.missing_restore_points = [p for p in self.all_restore_points if p not in self._points]
 
     # ---------------------------------------------------------------- basics
@@ -292,6 +348,17 @@ class TrajectoryLog:
         return step in self._by_step
 
     @property
+    def run_dir(self) -> Path:
+        """The training run this log belongs to (checkpoints, final model), as seen from the log
+        directory: a copied run reads its own files, not the original's."""
+        rel = self.meta.get("run_dir_relative")
+        if isinstance(rel, str) and not Path(rel).is_absolute():  # a received log cannot point anywhere
+            return Path(os.path.normpath(self.log_dir / rel))
+        if self.log_dir.name == "training_log" or not self.meta.get("output_dir"):
+            return self.log_dir.parent  # logs written before run_dir_relative, default layout
+        return Path(self.meta["output_dir"])
+
+    @property
     def storage(self) -> str:
         return self.meta["storage"]
 
@@ -309,15 +376,21 @@ class TrajectoryLog:
 
     @property
     def optimizer_spec(self) -> OptimizerSpec:
-        return OptimizerSpec.from_json(self.meta["optimizer"])
+        try:
+            return OptimizerSpec.from_json(self.meta["optimizer"])
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise TrajectoryLogError(f"{self.log_dir / layout.META}: malformed 'optimizer' ({type(err).__name__}: "
+                                     f"{err}); the log is damaged or was not written by lmcleaner") from None
 
     def config(self):
-        """The run's config as a typed OmegaConf object (to rebuild the trainer)."""
-        from omegaconf import OmegaConf
+        """The run's config as a typed OmegaConf object (to rebuild the trainer); a malformed
+        recorded config is a one-line error naming ``meta.json`` and the key."""
+        from ..config.received import merge_recorded
 
-        from ..config.schema import RootConfig
-
-        return OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.create(self.meta["config"]))
+        try:
+            return merge_recorded(self.meta["config"], str(self.log_dir / layout.META))
+        except ValueError as err:
+            raise TrajectoryLogError(str(err)) from None
 
     def record(self, step: int) -> StepRecord:
         try:
@@ -349,6 +422,24 @@ class TrajectoryLog:
             if "total_steps" in r:
                 segs = [s for s in segs if s[0] < int(r["step"])] + [(int(r["step"]), int(r["total_steps"]))]
         return segs
+
+    def batch_plan(self):
+        """The recorded run's batch plan (global batch of the *recorded* world size): which
+        ids each step trained on, including steps pruned from the log."""
+        from ..data import BatchPlan
+
+        m = self.meta
+        try:
+            plan = BatchPlan(int(m["num_samples"]), int(m["batch_size"]), int(m["gradient_accumulation_steps"]),
+                             int(m["world_size"]), int(m["seed"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise TrajectoryLogError(f"{self.log_dir / layout.META}: cannot rebuild the batch plan ({err}); the log "
+                                     "is damaged or was not written by lmcleaner") from None
+        for r in self._records[:1]:
+            if plan.micro_batches(r.step) != r.micro_batches:
+                raise TrajectoryLogError(f"{self.log_dir / layout.META}: the batch plan it describes does not "
+                                         f"reproduce recorded step {r.step}; the log is damaged or was edited")
+        return plan
 
     def total_steps_at(self, step: int) -> int:
         return [t for s, t in self.schedule_segments if s <= step][-1]
@@ -451,11 +542,12 @@ class TrajectoryLog:
         """Heavy mode: exact ``theta_step`` from the restore point before it plus the
         recorded update vectors (no dataset, no replay)."""
         self._need(self.has_updates, "update vectors", "heavy")
-        from ..train.checkpoint import load_params
+        from ..train.checkpoint import load_params, verify_checkpoint
 
         if step != self.end:
             self.record(step)
         p = self.restore_point_for(step)
+        verify_checkpoint(p.path, p.files)
         names = list(self.meta.get("param_shapes", {})) or None
         theta = load_params(p.path)
         if names is not None:
@@ -493,6 +585,46 @@ class TrajectoryLog:
         return {"steps": len(self._records), "per_step_files": files, "log_bytes": log_bytes,
                 "bytes_per_step": log_bytes / n, "fixed_files": fixed, "restore_points": ckpts,
                 "restore_point_bytes": sum(c["bytes"] for c in ckpts.values())}
+
+
+# What the reader needs from meta.json, and its JSON type (a received log is checked, never trusted).
+_META_KEYS: dict[str, tuple[type, ...]] = {
+    "config": (dict,), "optimizer": (dict,), "storage": (str,), "run_fingerprint": (str,),
+    "dataset_fingerprint": (str,), "model_fingerprint": (str,), "seed": (int,), "world_size": (int,),
+    "total_steps": (int,),
+}
+_META_OPTIONAL: dict[str, tuple[type, ...]] = {
+    "settings": (dict,), "resumes": (list,), "output_dir": (str,), "run_dir_relative": (str,),
+    "torch_num_threads": (int, type(None)), "mode": (str,), "window": (int,), "param_shapes": (dict,),
+    "batch_size": (int,), "gradient_accumulation_steps": (int,), "num_samples": (int,),
+}
+
+
+def _checked_meta(path: Path, meta: Any) -> dict[str, Any]:
+    """``meta.json`` with the keys and types the reader relies on, else a one-line error naming the key."""
+    damaged = "the log is damaged or was not written by lmcleaner"
+    if not isinstance(meta, dict):
+        raise TrajectoryLogError(f"{path}: expected a JSON object, got {type(meta).__name__}; {damaged}")
+    version = meta.get("format_version")
+    if version != layout.FORMAT_VERSION:
+        raise TrajectoryLogError(f"{path}: format version {version} is not supported "
+                                 f"(this lmcleaner reads version {layout.FORMAT_VERSION})")
+    for key, types in (*_META_KEYS.items(), *_META_OPTIONAL.items()):
+        if key not in meta:
+            if key in _META_KEYS:
+                raise TrajectoryLogError(f"{path}: key '{key}' is missing; {damaged}")
+            continue
+        value = meta[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            want = " or ".join(t.__name__ for t in types)
+            raise TrajectoryLogError(f"{path}: key '{key}' must be {want}, got {type(value).__name__}; {damaged}")
+    if meta["storage"] not in ("light", "heavy", "diag"):
+        raise TrajectoryLogError(f"{path}: key 'storage' is '{meta['storage']}', expected light, heavy or diag; "
+                                 f"{damaged}")
+    for r in meta.get("resumes", []):
+        if not (isinstance(r, dict) and isinstance(r.get("step"), int)):
+            raise TrajectoryLogError(f"{path}: key 'resumes' holds an entry without an integer 'step'; {damaged}")
+    return meta
 
 
 def _size(p: Path) -> int:

@@ -5,6 +5,11 @@ indices and the collator is deterministic, the exact tensors of any step can
 be rebuilt; the dataset fingerprint in ``meta.json`` guarantees it is the same
 data. ``build_trainer`` rebuilds the whole engine (model, optimizer,
 scheduler, dataset, collator) from ``meta.json`` for replay.
+
+The recorded config is someone else's data (``config.received``): its
+``trust_remote_code``, telemetry YAML, W&B and request-file settings are
+never honoured; only the caller's ``trust_remote_code`` argument (the
+current user's ``--trust-remote-code``) lets a model run its own code.
 """
 
 from __future__ import annotations
@@ -34,19 +39,23 @@ def preserved_rng() -> Iterator[None]:
         np.random.set_state(n)
 
 
-def replay_config(log: TrajectoryLog):
-    """The run's config, made safe to rebuild in-process (no resume, no recorder, quiet)."""
-    cfg = log.config()
-    cfg.training.resume_from_checkpoint = None
-    cfg.training.forget_request_file = None
+def replay_config(log: TrajectoryLog, trust_remote_code: bool = False):
+    """The run's config, made safe to rebuild in-process (no resume, no recorder, quiet,
+    nothing from the run that could execute code unless the caller trusts it), for this
+    launch's world size: a run recorded on N ranks replays at N ranks bit for bit, or with
+    fewer processes (one) whose accumulation makes up the same global batch (float tolerance)."""
+    from ..config.received import as_received
+    from ..train.distributed import same_global_batch
+
+    cfg = as_received(log.config(), trust_remote_code)
+    same_global_batch(cfg.training, int(log.meta.get("world_size", 1)))
     cfg.training.progress_bar = False
     cfg.training.logging_steps = 0
-    cfg.training.log_to_wandb = False
-    cfg.training_logger.enabled = False
     return cfg
 
 
-def build_trainer(log: TrajectoryLog, model: torch.nn.Module | None = None, tokenizer: Any = None):
+def build_trainer(log: TrajectoryLog, model: torch.nn.Module | None = None, tokenizer: Any = None,
+                  trust_remote_code: bool = False):
     """A ``Trainer`` identical to the recorded one (engine only; nothing is written).
 
     Raises a one-line error when the data or the model differ from the recorded ones.
@@ -55,7 +64,8 @@ def build_trainer(log: TrajectoryLog, model: torch.nn.Module | None = None, toke
     from ..train.trainer import Trainer, model_fingerprint
 
     with preserved_rng():
-        trainer = Trainer(replay_config(log), model=model, tokenizer=tokenizer, recorder=NullRecorder())
+        trainer = Trainer(replay_config(log, trust_remote_code), model=model, tokenizer=tokenizer,
+                          recorder=NullRecorder())
     _check_dataset(log, trainer.dataset)
     fp = model_fingerprint(trainer.engine.trainable())
     if fp != log.meta.get("model_fingerprint"):
@@ -79,13 +89,14 @@ class BatchReconstructor:
         self.log, self.dataset, self.collator = log, dataset, collator
 
     @classmethod
-    def from_log(cls, log: TrajectoryLog | str, tokenizer: Any = None) -> "BatchReconstructor":
+    def from_log(cls, log: TrajectoryLog | str, tokenizer: Any = None,
+                 trust_remote_code: bool = False) -> "BatchReconstructor":
         """Load the recorded dataset (tokenizer, template, max_length from ``meta.json``)."""
         from ..data import Collator, build_dataset, load_tokenizer
 
         log = log if isinstance(log, TrajectoryLog) else TrajectoryLog(log)
-        cfg = replay_config(log)
-        tok = tokenizer or load_tokenizer(cfg.model.tokenizer, cfg.model.name_or_path)
+        cfg = replay_config(log, trust_remote_code)
+        tok = tokenizer or load_tokenizer(cfg.model.tokenizer, cfg.model.name_or_path, trust_remote_code)
         ds = build_dataset(cfg.training, tok)
         return cls(log, ds, Collator(ds.pad_token_id))
 

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from ..train import checkpoint as ckpt
+from ..train import distributed as dist_utils
 from ..train.engine import Engine, NullObserver, run_step
 from .jsonl import TrajectoryLogError
 from .reader import TrajectoryLog
@@ -35,6 +36,7 @@ from .reconstruct import build_trainer, preserved_rng
 from . import restore
 from .restore import RestorePoint
 from .types import ReplayedStep, StepRecord
+from .writer import kept_micro_batches
 
 
 class ReplayMismatchError(TrajectoryLogError):
@@ -61,7 +63,8 @@ class CounterfactualResult:
 
 
 class _Capture(NullObserver):
-    """Copies the unclipped gradient (after backward, before clipping) and the step's batches."""
+    """Copies the unclipped gradient (after backward, before clipping; the whole step's,
+    all-reduced over ranks, gathered when sharded) and the step's batches."""
 
     def __init__(self, named: dict[str, torch.nn.Parameter], grads: bool):
         self.named, self.want_grads = named, grads
@@ -70,7 +73,8 @@ class _Capture(NullObserver):
 
     def on_after_backward(self, engine, step):
         if self.want_grads:
-            self.grads = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+            self.grads = {n: (dist_utils.full(p.grad.detach()).clone() if p.grad is not None
+                              else torch.zeros(p.shape, dtype=p.dtype, device=dist_utils.local(p).device))
                           for n, p in self.named.items()}
 
     def on_step_end(self, engine, record, batches):
@@ -80,19 +84,22 @@ class _Capture(NullObserver):
 class TrajectoryReplayer:
     """Replays a recorded run. ``trainer``: an already built one (else rebuilt from ``meta.json``)."""
 
-    def __init__(self, log: TrajectoryLog | str, trainer: Any = None, verify: bool = True):
+    def __init__(self, log: TrajectoryLog | str, trainer: Any = None, verify: bool = True,
+                 trust_remote_code: bool = False):
         self.log = log if isinstance(log, TrajectoryLog) else TrajectoryLog(log)
         self._trainer = trainer
+        self.trust_remote_code = trust_remote_code  # the current user's choice, never the log's
         self.verify = verify
         self._pos: int | None = None  # the step whose theta the engine holds (None: unknown)
         self._origin: RestorePoint | None = None  # where that state was restored from
         self.steps_run = 0  # training steps executed so far (cost accounting)
+        self.bar = None  # the progress display of the current long operation (see progress())
         self._schedule_total = int(self.log.meta.get("total_steps", 0))  # what the rebuilt scheduler was built for
 
     @property
     def trainer(self):
         if self._trainer is None:
-            self._trainer = build_trainer(self.log)
+            self._trainer = build_trainer(self.log, trust_remote_code=self.trust_remote_code)
         return self._trainer
 
     @property
@@ -112,7 +119,9 @@ class TrajectoryReplayer:
 
             e.scheduler = build_scheduler(getattr(e.optimizer, "optimizer", e.optimizer), self.trainer.t, total)
             self._schedule_total = total
-        ckpt.load_checkpoint(point.path, e.trainable(), e.optimizer, e.scheduler, restore_rng=False)
+        # the files are hashed against what the log recorded: a corrupted or foreign checkpoint is refused
+        ckpt.load_checkpoint(point.path, e.trainable(), e.optimizer, e.scheduler, restore_rng=False,
+                             expected=point.files)
         self._pos, self._origin = point.step, point
 
     def seek(self, step: int) -> RestorePoint:
@@ -134,6 +143,8 @@ class TrajectoryReplayer:
                            observer or NullObserver())
         self.steps_run += 1
         self._pos = t + 1
+        if self.bar is not None:
+            self.bar.update(1)
         if self.verify and not extra:
             self._check(rec, out)
         return out
@@ -150,21 +161,41 @@ class TrajectoryReplayer:
                 f"step {rec.step}: replayed {name} {b!r} != recorded {a!r}; the replay environment differs "
                 "(torch version, thread count, hardware) or the checkpoints do not belong to this log")
 
+    @contextmanager
+    def progress(self, total: int, desc: str, enabled: bool = True, leave: bool = True) -> Iterator[Any]:
+        """Count every replayed step of the enclosed operation on one progress display (bar + ETA)."""
+        from ..telemetry.progress import progress_bar
+
+        bar = progress_bar(total=max(int(total), 1), desc=desc, enabled=enabled, leave=leave, unit="step")
+        outer, self.bar = self.bar, bar
+        try:
+            yield bar
+        finally:
+            self.bar = outer
+            if bar.total and bar.n < bar.total:  # the operation replayed fewer steps than budgeted: it is done
+                bar.total = bar.n
+            bar.close()
+
     # ------------------------------------------------------------- reading
     def named_parameters(self) -> dict[str, torch.nn.Parameter]:
         return self.engine.trainable()
 
     def _params(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.engine.trainable().items()}
+        return self.engine.full_trainable()
 
     def _opt_state(self) -> dict[str, dict[str, torch.Tensor]]:
         opt = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
         out: dict[str, dict[str, torch.Tensor]] = {}
         for n, p in self.engine.trainable().items():
             st = opt.state.get(p, {})
-            out[n] = {k: (v.detach().clone() if torch.is_tensor(v) else torch.tensor(v))
+            out[n] = {k: (dist_utils.full(v.detach()).clone() if torch.is_tensor(v) else torch.tensor(v))
                       for k, v in st.items() if v is not None}
         return out
+
+    def _all_batches(self, rec: StepRecord) -> list[dict[str, torch.Tensor]]:
+        """Every micro-batch of the step, as one process trains it (a rank runs only its share)."""
+        e = self.engine
+        return [e.collator([e.dataset[i] for i in ids]) for ids in kept_micro_batches(rec)]
 
     def params_at(self, step: int) -> dict[str, torch.Tensor]:
         """``theta_step`` (trainable parameters, copies)."""
@@ -181,7 +212,9 @@ class TrajectoryReplayer:
         """``ReplayedStep`` for ``start..end-1`` (default: the whole window), replaying forward once.
 
         ``batches`` hold all micro-batches of the step as trained (excluded ids
-        removed); ``grad`` is the unclipped gradient of the step loss.
+        removed; every rank's, also when this replay runs on several ranks);
+        ``grad`` is the unclipped gradient of the step loss. Under several
+        processes every rank must iterate (the steps are collective).
         """
         lo, hi = self.log.window
         start = lo if start is None else start
@@ -198,10 +231,41 @@ class TrajectoryReplayer:
             state = self._opt_state() if opt_state else None
             cap = _Capture(named, grads)
             self._run(t, observer=cap)
-            yield ReplayedStep(record=self.log.record(t), params=params, batches=cap.batches,
+            rec = self.log.record(t)
+            batches = cap.batches if self.engine.world_size == 1 else self._all_batches(rec)
+            yield ReplayedStep(record=rec, params=params, batches=batches,
                                grad=cap.grads if grads else None, opt_state=state)
 
     # ------------------------------------------------------- counterfactual
+    def load_state(self, params: dict[str, torch.Tensor],
+                   opt_state: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+        """Overwrite the engine's parameters (and optimizer state, by name) at its current
+        step; the scheduler stays. The engine is then off the recorded trajectory. ``params``
+        and ``opt_state`` are full tensors (``_params``, ``_opt_state``): under FSDP each rank
+        keeps its part (``train.distributed.assign``)."""
+        live = self.engine.trainable()
+        for name, value in params.items():
+            dist_utils.assign(live[name], value)
+        if opt_state is not None:
+            opt = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+            for name, p in live.items():
+                st = opt.state.get(p)
+                for k, v in opt_state.get(name, {}).items():
+                    if st is not None and k in st and torch.is_tensor(st[k]) and k != "step":
+                        dist_utils.assign(st[k], v)
+        self._origin = None
+
+    def step_without(self, t: int, extra_excluded: Iterable[int]) -> StepRecord:
+        """Run recorded step ``t`` from whatever state the engine holds, with
+        ``extra_excluded`` removed from its batch (a counterfactual step). The
+        engine is off the recorded trajectory afterwards (the next ``seek``
+        restores a checkpoint)."""
+        if self._pos is not None and self._pos != t:
+            raise TrajectoryLogError(f"step_without({t}): the engine holds the state before step {self._pos}")
+        out = self._run(t, extra=frozenset(int(i) for i in extra_excluded))
+        self._origin = None
+        return out
+
     def counterfactual(self, extra_excluded: Iterable[int], start: int | None = None,
                        end: int | None = None) -> CounterfactualResult:
         """Replay ``start..end-1`` with ``extra_excluded`` removed from every batch.

@@ -15,6 +15,13 @@ between: no event at a step ``e`` with ``p < e <= s``, and for a trainer
 checkpoint also none at ``e == p`` (that checkpoint holds the state *before*
 the correction).
 
+Paths in ``checkpoints.json`` are relative to the log directory
+(``../checkpoint-40``, ``anchors/step-7``), so a copied or moved run reads
+its own checkpoints; logs written before that stored absolute paths, which
+are still read (the copy's own ``checkpoint-<t>`` wins when it exists). Each
+point also records the SHA-256 of its files (``files``), checked when it is
+loaded: a checkpoint that was corrupted or comes from another run is refused.
+
 *Barriers* are resume steps where the step budget (``training.max_steps``)
 changed: the resumed trainer built its LR schedule for the new budget, so a
 replay must not run across such a step; it restarts from the resume
@@ -23,7 +30,8 @@ checkpoint, with the new schedule.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -35,20 +43,29 @@ class RestorePoint:
     step: int
     path: Path
     kind: str = CHECKPOINT
+    files: dict[str, str] | None = field(default=None, compare=False, hash=False)  # file -> sha256
 
     def to_json(self, log_dir: Path | None = None) -> dict[str, Any]:
-        path = self.path
+        path = str(self.path)
         if log_dir is not None:
-            try:
-                path = self.path.relative_to(log_dir)
-            except ValueError:
-                pass
-        return {"step": self.step, "path": str(path), "kind": self.kind}
+            path = os.path.relpath(os.path.abspath(self.path), os.path.abspath(log_dir))
+        out: dict[str, Any] = {"step": self.step, "path": path, "kind": self.kind}
+        if self.files:
+            out["files"] = dict(self.files)
+        return out
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], log_dir: Path) -> "RestorePoint":
+    def from_json(cls, d: dict[str, Any], log_dir: Path, run_dir: Path | None = None) -> "RestorePoint":
         p = Path(d["path"])
-        return cls(int(d["step"]), p if p.is_absolute() else log_dir / p, str(d.get("kind", CHECKPOINT)))
+        kind = str(d.get("kind", CHECKPOINT))
+        if not p.is_absolute():
+            p = Path(os.path.normpath(log_dir / p))
+        else:  # a log written before paths were relative: prefer this copy's own checkpoint
+            local = (log_dir / "anchors" / p.name) if kind == ANCHOR else (run_dir / p.name if run_dir else None)
+            if local is not None and local.is_dir():
+                p = local
+        files = d.get("files")
+        return cls(int(d["step"]), p, kind, dict(files) if isinstance(files, dict) else None)
 
 
 def is_valid(point: RestorePoint, target: int, event_steps: Iterable[int], barriers: Iterable[int] = ()) -> bool:

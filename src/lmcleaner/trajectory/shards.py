@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import layout
 from .jsonl import TrajectoryLogError
@@ -36,8 +36,14 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], first: int, last: 
     tmp = path.with_name(path.name + ".tmp")
     meta = {"format": "lmcleaner-trajectory", "format_version": str(layout.FORMAT_VERSION),
             "first_step": str(first), "last_step": str(last), "crc32": tensors_crc(tensors), **(extra or {})}
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    from ..train.outputs import save_tensors
+
+    try:
+        save_tensors(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # disk full: no temp shard left behind
+        raise
     return path.stat().st_size
 
 

@@ -8,73 +8,23 @@ Public API::
     new_params, new_opt_state = apply_correction(model, opt_state, corr)
 """
 
-from lmcleaner.unlearn.functional import FunctionalLM, removal_injection, split_rows
-from lmcleaner.unlearn.hvp import (
-    HESSIAN_MODES,
-    HVP_COST_IN_GRADS,
-    DiagHVP,
-    ExactHVP,
-    GGNHVP,
-    HVPBackend,
-    make_hvp_backend,
-)
-from lmcleaner.unlearn.methods import (
-    Correction,
-    CorrectionAudit,
-    LMCleanerBatchLevel,
-    LMCleanerSampleLevel,
-    Rollback,
-    SGDFormula,
-    apply_correction,
-    batch_injector,
-    sample_injector,
-)
-from lmcleaner.unlearn.propagation import PropagationResult, SweepStats, propagate
-from lmcleaner.unlearn.registry import get_method, method_config, method_names, register_method
-from lmcleaner.unlearn.result import UnlearnError, UnlearnResult
+# Exports resolve lazily (PEP 562): the session side imports the trainer and the trajectory
+# package, and ``lmcleaner unlearn --help`` must not import torch.
+from ..lazy import lazy_exports
 
+_EXPORTS = {
+    "FunctionalLM": "functional", "removal_injection": "functional", "split_rows": "functional",
+    "HESSIAN_MODES": "hvp", "HVP_COST_IN_GRADS": "hvp", "DiagHVP": "hvp", "ExactHVP": "hvp", "GGNHVP": "hvp",
+    "HVPBackend": "hvp", "make_hvp_backend": "hvp",
+    "Correction": "methods", "CorrectionAudit": "methods", "LMCleanerBatchLevel": "methods",
+    "LMCleanerSampleLevel": "methods", "Rollback": "methods", "SGDFormula": "methods",
+    "apply_correction": "methods", "batch_injector": "methods", "sample_injector": "methods",
+    "PropagationResult": "propagation", "SweepStats": "propagation", "propagate": "propagation",
+    "UnlearnSession": "session", "USER_ERRORS": "session", "UnlearnError": "result", "UnlearnResult": "result",
+    "get_method": "registry", "method_config": "registry", "method_names": "registry",
+    "register_method": "registry",
+    "OnlineUnlearner": "online",
+}
 
-def __getattr__(name: str):
-    # The session side imports the trainer and the trajectory package; keep it lazy.
-    if name in ("UnlearnSession", "USER_ERRORS"):
-        from lmcleaner.unlearn import session
-
-        return getattr(session, name)
-    if name == "OnlineUnlearner":
-        from lmcleaner.unlearn.online import OnlineUnlearner
-
-        return OnlineUnlearner
-    raise AttributeError(name)
-
-__all__ = [
-    "OnlineUnlearner",
-    "UnlearnSession",
-    "UnlearnError",
-    "UnlearnResult",
-    "Correction",
-    "CorrectionAudit",
-    "DiagHVP",
-    "ExactHVP",
-    "FunctionalLM",
-    "GGNHVP",
-    "HESSIAN_MODES",
-    "HVPBackend",
-    "HVP_COST_IN_GRADS",
-    "LMCleanerBatchLevel",
-    "LMCleanerSampleLevel",
-    "PropagationResult",
-    "Rollback",
-    "SGDFormula",
-    "SweepStats",
-    "apply_correction",
-    "get_method",
-    "method_config",
-    "method_names",
-    "register_method",
-    "batch_injector",
-    "make_hvp_backend",
-    "propagate",
-    "removal_injection",
-    "sample_injector",
-    "split_rows",
-]
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

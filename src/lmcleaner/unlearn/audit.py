@@ -1,7 +1,10 @@
 """Audit records for deletion requests (``audit/audit_records.json``).
 
-The file is a JSON list; each request appends one record by rewriting the file
-atomically (temp + rename), so a reader never sees a half-written record.
+The file is a JSON list, append-only across requests: each request adds one
+record by rewriting the file atomically (temp + rename), so a reader never
+sees a half-written record. When an output directory is replaced
+(``unlearn.overwrite=true``) the new directory's audit starts with the old
+one's records; an unreadable audit is an error, never silently dropped.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from ..train.checkpoint import write_json_atomic
 AUDIT_FILE = "audit_records.json"
 
 
+class AuditError(ValueError):
+    """An existing audit log cannot be read (one line): appending would lose its history."""
+
+
 def weights_fingerprint(params: dict[str, torch.Tensor]) -> str:
     """Hash of parameter values: proves the output differs from the input."""
     h = hashlib.sha256()
@@ -34,11 +41,29 @@ def new_request_id() -> str:
     return f"req-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
-def append_audit_record(audit_dir: str | Path, record: dict[str, Any]) -> Path:
+def read_audit_records(audit_dir: str | Path) -> list[dict[str, Any]]:
+    """The records already in ``audit_dir`` (empty when there is none)."""
+    path = Path(audit_dir) / AUDIT_FILE
+    if not path.is_file():
+        return []
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise AuditError(f"{path}: unreadable audit log ({str(err).splitlines()[0]}); repair or move it away "
+                         "before writing more requests (its history would be lost)") from None
+    if not isinstance(records, list):
+        raise AuditError(f"{path}: expected a JSON list of records; repair or move it away first")
+    return records
+
+
+def append_audit_record(audit_dir: str | Path, record: dict[str, Any],
+                        previous: list[dict[str, Any]] | None = None) -> Path:
+    """Append ``record`` to ``audit_dir/audit_records.json`` (after ``previous``, the history of
+    the output this one replaces, when the file does not exist yet)."""
     audit_dir = Path(audit_dir)
     audit_dir.mkdir(parents=True, exist_ok=True)
     path = audit_dir / AUDIT_FILE
-    records = json.loads(path.read_text()) if path.is_file() else []
+    records = read_audit_records(audit_dir) if path.is_file() else list(previous or [])
     records.append({"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record})
     write_json_atomic(path, json.loads(json.dumps(records, default=float)))
     return path

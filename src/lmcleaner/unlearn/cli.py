@@ -17,13 +17,19 @@ examples:
 keys:
   unlearn.forget          ids (17,203), a file of ids, or a dataset file matched to training rows
   unlearn.model_dir       the trained run (default: training.output_dir)
-  unlearn.output_dir      where the unlearned model goes (default: <run>/unlearned-<method>)
+  unlearn.output_dir      where the unlearned model goes (default: a fresh <run>/unlearned-<method>[-N]);
+                          refused when it is the run, inside it, contains it, or exists
+  unlearn.overwrite=true  replace an existing output_dir (its audit records are kept; never the run)
+  unlearn.max_error       trainer=auto: the accepted estimated relative error
   unlearn.export          merged (from_pretrained model, default) | adapter (LoRA runs: the unlearned
                           adapter for peft.PeftModel.from_pretrained(base, dir))
+  training.progress_bar=false
+                          no progress display (a bar with ETA on a terminal, plain lines otherwise)
   trainer=METHOD          a registered method (below), or a YAML file with handler: and method_args:
   trainer.method_args.KEY the method's arguments (below), and for every method:
                           training_log_dir, apply_immediately, audit_dir, fallback_to_replay
 The run's own training config is read from its trajectory log; only the keys above matter here.
+A received run is data: its trust_remote_code setting is ignored (see --trust-remote-code).
 
 methods:
 {methods}"""
@@ -52,8 +58,21 @@ def register(sub) -> None:
     p.add_argument("-h", "--help", action=_Help, help="show this help (with every method and its arguments) and exit")
     p.add_argument("--config", help="YAML file merged over the defaults")
     p.add_argument("--print-config", action="store_true")
+    add_trust_flag(p)
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=run)
+
+
+def add_trust_flag(p) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the run's model import its own Python code (auto_map in its config.json); off by "
+                        "default, and never taken from the run itself")
+
+
+def warn_trust(command: str, enabled: bool) -> None:
+    if enabled:
+        print(f"lmcleaner {command}: warning: --trust-remote-code: Python files shipped with the model will be "
+              "imported and run with your permissions", file=sys.stderr)
 
 
 def run(args) -> int:
@@ -67,18 +86,32 @@ def run(args) -> int:
 
         print(OmegaConf.to_yaml(cfg))
         return 0
-    ma, args = split_method_args(to_dict(cfg.trainer.method_args))
+    ma, margs = split_method_args(to_dict(cfg.trainer.method_args))
     method = canonical_method(cfg.trainer.handler)
-    method_config(method, args)  # a bad argument fails before the run is opened
+    if cfg.unlearn.max_error is not None and method == "auto":
+        margs["max_error"] = cfg.unlearn.max_error
+    method_config(method, margs)  # a bad argument fails before the run is opened
     log_dir = ma.get("training_log_dir")
     run_dir = cfg.unlearn.model_dir or (None if log_dir else cfg.training.output_dir)
-    session = UnlearnSession(run_dir, log_dir)
+    warn_trust("unlearn", args.trust_remote_code)
+    session = UnlearnSession(run_dir, log_dir, trust_remote_code=args.trust_remote_code)
+    session.progress = bool(cfg.training.progress_bar)  # this command's display (false: no progress lines)
     session.check_export(cfg.unlearn.export)  # before any work
-    ids = session.resolve(cfg.unlearn.forget)
-    result = session.run(method, ids, fallback_to_replay=bool(ma.get("fallback_to_replay", True)), **args)
-    out = Path(cfg.unlearn.output_dir) if cfg.unlearn.output_dir else session.run_dir / f"unlearned-{method}"
-    session.save(result, out, ma.get("audit_dir"), apply=bool(ma.get("apply_immediately", True)),
-                 export=cfg.unlearn.export)
+    out = Path(cfg.unlearn.output_dir) if cfg.unlearn.output_dir else session.default_output(method)
+    # Refusals (output over the source, existing, read-only) happen now, before any computation;
+    # under torchrun only the main rank reserves and writes (the others get None).
+    target = session.reserve_output(out, cfg.unlearn.overwrite)
+    try:
+        ids = session.resolve(cfg.unlearn.forget)
+        result = session.run(method, ids, fallback_to_replay=bool(ma.get("fallback_to_replay", True)), **margs)
+        out = session.save(result, out, ma.get("audit_dir"), apply=bool(ma.get("apply_immediately", True)),
+                           reserved=target, export=cfg.unlearn.export)
+    except BaseException:
+        if target is not None:
+            target.abort()
+        raise
+    if not session.is_main_process:  # under torchrun every rank computes, the main one reports
+        return 0
     if result.info.get("fallback_from"):
         print(f"lmcleaner unlearn: warning: {method} diverged (retain loss "
               f"{result.info['fallback_from']['retain_loss_after']:.3f}); the result is exact replay instead "

@@ -9,8 +9,11 @@ on their shared fields (e.g. TOFU's ``forget01.jsonl`` against ``full.jsonl``).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Sequence
+
+log = logging.getLogger("lmcleaner.unlearn")
 
 
 class ForgetSetError(ValueError):
@@ -28,6 +31,10 @@ def _row_key(row: dict, fields: list[str]) -> str:
     return json.dumps([row.get(f) for f in fields], sort_keys=True, default=str)
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def match_rows(rows: list[dict], training_rows: list[dict], where: str) -> list[int]:
     if not rows:
         raise ForgetSetError(f"{where}: no rows to forget")
@@ -37,12 +44,22 @@ def match_rows(rows: list[dict], training_rows: list[dict], where: str) -> list[
     index: dict[str, list[int]] = {}
     for i, r in enumerate(training_rows):
         index.setdefault(_row_key(r, fields), []).append(i)
-    ids = []
+    ids, several = [], []
     for n, r in enumerate(rows):
         hits = index.get(_row_key(r, fields))
         if not hits:
             raise ForgetSetError(f"{where}: row {n} matches no training row on fields {fields}")
+        if len(hits) > 1:
+            several.append(n)
         ids.extend(hits)
+    unique = len(set(ids))
+    repeated = len(rows) - len({_row_key(r, fields) for r in rows})
+    if several or repeated:
+        why = [(f"rows matching several identical training rows: {len(several)} (e.g. row {several[0]}; every "
+                "copy is forgotten)")] if several else []
+        why += [f"rows repeating earlier ones: {repeated}"] if repeated else []
+        log.warning("%s: %s %s to %s: %s", where, _n(len(rows), "row"), "resolves" if len(rows) == 1 else "resolve",
+                    _n(unique, "training sample id"), "; ".join(why))
     return ids
 
 

@@ -28,14 +28,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from lmcleaner.trajectory.types import OptimizerSpec, ReplayedStep
-from lmcleaner.unlearn.functional import FunctionalLM, Params, norm, removal_injection
+from lmcleaner.unlearn.functional import FunctionalLM, Params, norm, removal_injection, split_rows, supervised
 from lmcleaner.unlearn.hvp import BACKENDS, EXACT_IMPLS, DiagProvider, make_hvp_backend
 from lmcleaner.unlearn.propagation import OPTIMIZER_MAPS, Injector, OptState, PropagationResult, propagate
 
@@ -59,11 +59,15 @@ class CorrectionAudit:
     n_hvp_calls: int
     n_hvp_vectors: int
     n_grad_evals: float
-    grad_equivalents: float  # gradient evaluations + HVP directions at their measured cost
+    grad_equivalents: float  # gradient evaluations + HVP directions at their nominal (k = 1) cost
     hvp_path: str | None
     steps_seen: int
     sweeps: int
     seconds: float
+    # the same with the HVPs at the cost measured in this run (seconds relative to the run's own
+    # gradients: batching k directions costs less than k, a larger model more than 2); None if unmeasured
+    grad_equivalents_measured: float | None = None
+    hvp_cost_measured: float | None = None  # measured gradients per HVP direction
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -83,6 +87,8 @@ class Correction:
     delta_params: Params
     delta_opt_state: OptState
     audit: CorrectionAudit
+    betas: tuple[float, float] | None = None  # AdamW's (beta1, beta2): bounds the corrected second moment
+    probe: dict[int, Params] = field(default_factory=dict)  # step -> predicted deviation before it (estimates)
 
 
 def _as_ids(xs: Iterable[int], what: str) -> set[int]:
@@ -107,6 +113,20 @@ def sample_injector(fl: FunctionalLM, requests: list[set[int]]) -> Injector:
         return out
 
     return inject
+
+
+def sample_counterfactual_batches(requests: list[set[int]]):
+    """``(kept micro-batches, their supervised tokens)`` at steps where request ``r`` removes
+    samples (``propagate``'s ``counterfactual_batches``)."""
+
+    def kept(st: ReplayedStep, r: int):
+        present = {int(i) for b in st.batches for i in b["sample_ids"].tolist()}
+        if not present & requests[r]:
+            return None
+        rows, _ = split_rows(st.batches, requests[r])
+        return rows, supervised(rows)
+
+    return kept
 
 
 def batch_injector(requests: list[set[int]]) -> Injector:
@@ -164,6 +184,7 @@ class _Method:
         tau: int,
         diag_provider: DiagProvider | None,
         last_injection: int | None = None,
+        probe_steps: Iterable[int] = (),
     ) -> Correction:
         t0 = time.perf_counter()
         if self.hessian_mode == "diag" and diag_provider is None and self.K > 0:
@@ -176,6 +197,7 @@ class _Method:
         fl = FunctionalLM(model, first.params.keys(), router=self.router_aux)
         hvp = make_hvp_backend(self.hessian_mode, fl, diag_provider, self.exact_impl) if self.K > 0 else None
         injector = sample_injector(fl, [forget]) if self.level == "sample" else batch_injector([forget])
+        cf_batches = sample_counterfactual_batches([forget]) if self.level == "sample" else None
 
         def chained():
             yield first
@@ -185,7 +207,7 @@ class _Method:
             res: PropagationResult = propagate(
                 chained(), spec, injector, tau=tau, K=self.K, fl=fl, hvp=hvp, damping=self.damping,
                 rule=self.rule, track_second_moment=self.track_second_moment, optimizer_map=self.optimizer_map,
-                last_injection=last_injection,
+                last_injection=last_injection, probe_steps=probe_steps, counterfactual_batches=cf_batches,
             )
         st = res.stats
         if not st.injection_steps:
@@ -203,7 +225,13 @@ class _Method:
             hvp_path=st.hvp_path, steps_seen=st.steps_seen, sweeps=st.sweeps,
             seconds=time.perf_counter() - t0,
         )
-        return Correction(delta, res.delta_opt_state[0], audit)
+        measured = hvp.measured_grad_equivalents(fl.seconds_per_row) if hvp is not None else 0.0
+        if measured is not None:
+            audit.grad_equivalents_measured = n_grad + measured
+            audit.hvp_cost_measured = measured / st.hvp_vectors if st.hvp_vectors else None
+        betas = tuple(spec.betas) if spec.name.lower() == "adamw" else None
+        probe = {step: per_request[0] for step, per_request in res.stats.probe.items()}
+        return Correction(delta, res.delta_opt_state[0], audit, betas, probe)
 
 
 class LMCleanerSampleLevel(_Method):
@@ -233,6 +261,7 @@ class LMCleanerSampleLevel(_Method):
         tau: int,
         diag_provider: DiagProvider | None = None,
         last_injection: int | None = None,
+        probe_steps: Iterable[int] = (),
     ) -> Correction:
         """Correction at ``tau`` for forgetting ``forget_ids`` jointly.
 
@@ -241,7 +270,8 @@ class LMCleanerSampleLevel(_Method):
         ``model``: the module whose named parameters are ``steps[i].params``
         (not modified).
         """
-        return self._run(model, steps, spec, _as_ids(forget_ids, "forget_ids"), tau, diag_provider, last_injection)
+        return self._run(model, steps, spec, _as_ids(forget_ids, "forget_ids"), tau, diag_provider, last_injection,
+                         probe_steps)
 
 
 class LMCleanerBatchLevel(_Method):
@@ -262,10 +292,11 @@ class LMCleanerBatchLevel(_Method):
         tau: int,
         diag_provider: DiagProvider | None = None,
         last_injection: int | None = None,
+        probe_steps: Iterable[int] = (),
     ) -> Correction:
         """Correction at ``tau`` for zeroing the gradients of ``forget_steps``."""
         return self._run(model, steps, spec, _as_ids(forget_steps, "forget_steps"), tau, diag_provider,
-                         last_injection)
+                         last_injection, probe_steps)
 
 
 class Rollback(_Method):
@@ -283,8 +314,10 @@ class Rollback(_Method):
             raise ValueError(f"unknown level {level!r}; use 'sample' or 'batch'")
         self.level = level
 
-    def compute(self, model, steps, spec, forget, tau, diag_provider=None, last_injection=None) -> Correction:
-        return self._run(model, steps, spec, _as_ids(forget, "forget"), tau, diag_provider, last_injection)
+    def compute(self, model, steps, spec, forget, tau, diag_provider=None, last_injection=None,
+                probe_steps=()) -> Correction:
+        return self._run(model, steps, spec, _as_ids(forget, "forget"), tau, diag_provider, last_injection,
+                         probe_steps)
 
 
 class SGDFormula(_Method):
@@ -299,8 +332,30 @@ class SGDFormula(_Method):
             raise ValueError(f"unknown level {level!r}; use 'sample' or 'batch'")
         self.level = level
 
-    def compute(self, model, steps, spec, forget, tau, diag_provider=None, last_injection=None) -> Correction:
-        return self._run(model, steps, spec, _as_ids(forget, "forget"), tau, diag_provider, last_injection)
+    def compute(self, model, steps, spec, forget, tau, diag_provider=None, last_injection=None,
+                probe_steps=()) -> Correction:
+        return self._run(model, steps, spec, _as_ids(forget, "forget"), tau, diag_provider, last_injection,
+                         probe_steps)
+
+
+def _consistent_second_moment(v: torch.Tensor, m: torch.Tensor | None,
+                              betas: tuple[float, float] | None) -> torch.Tensor:
+    """Clamp a corrected ``v`` to values a real AdamW state can take.
+
+    For EMAs ``m = (1-b1) sum b1^k g_k`` and ``v = (1-b2) sum b2^k g_k^2``,
+    Cauchy-Schwarz gives ``m^2 <= v (1-b1)^2 / ((1-b2)(1-b1^2/b2))`` (when
+    ``b1^2 < b2``). A linearised ``v + dv`` can violate it -- even go negative --
+    and a plain clamp at 0 then makes the next update ``lr m / eps`` (measured: a
+    single step of 139 at lr 1e-3). Clamping ``v`` to ``c m^2`` keeps
+    ``|m| / sqrt(v)`` within what Adam itself can produce."""
+    v = v.clamp_min(0)
+    if m is None or betas is None:
+        return v
+    b1, b2 = betas
+    if not (0 < b2 < 1 and b1 * b1 < b2):
+        return v
+    c = (1 - b2) * (1 - b1 * b1 / b2) / (1 - b1) ** 2
+    return torch.maximum(v, (c * m.float() ** 2).to(v.dtype))
 
 
 def apply_correction(
@@ -343,11 +398,11 @@ def apply_correction(
             out = {}
             for k, v in st.items():
                 if k in dst and torch.is_tensor(v):
-                    x = v.float() + dst[k].to(v.device)
-                    if k == "exp_avg_sq":
-                        x = x.clamp_min(0)
-                    out[k] = x.to(v.dtype)
+                    out[k] = (v.float() + dst[k].to(v.device)).to(v.dtype)
                 else:
                     out[k] = v.clone() if torch.is_tensor(v) else v
+            if "exp_avg_sq" in dst and "exp_avg_sq" in out:
+                out["exp_avg_sq"] = _consistent_second_moment(out["exp_avg_sq"], out.get("exp_avg"),
+                                                              correction.betas)
             new_state[n] = out
     return new, new_state

@@ -9,6 +9,13 @@ object: it flushes the recorder, computes the correction at the current step
 optimizer state* into the live engine, and the trainer then excludes the ids
 from every later batch. The recorder writes an anchor (exact state after the
 correction), so later replays and later requests stay exact.
+
+Several processes (``torchrun``): the trainer gathers every rank's pending
+requests at the top of each step, so all ranks apply the same requests at the
+same step; here the main rank flushes the log, every rank waits for it,
+replays / propagates from it together (replay at the recorded world size;
+LMCleaner data-parallel, see ``unlearn.functional``) and loads the same
+result, so the ranks stay identical.
 """
 
 from __future__ import annotations
@@ -18,18 +25,25 @@ from typing import Any
 import torch
 
 from ..train import checkpoint as ckpt
+from ..train import distributed as dist_utils
 from .session import UnlearnError, UnlearnSession
 
 
 def load_state_into(engine, params: dict[str, torch.Tensor], opt_state: dict[str, dict[str, torch.Tensor]] | None):
-    """Copy parameters (and optimizer state, by parameter name) into a live engine."""
+    """Copy full parameters (and optimizer state, by parameter name) into a live engine
+    (this rank's part of each when it is sharded)."""
     live = engine.trainable()
-    with torch.no_grad():
-        for name, value in params.items():
-            live[name].copy_(value.to(live[name].dtype))
+    for name, value in params.items():
+        dist_utils.assign(live[name], value)
     if opt_state is not None:
         _, meta = ckpt.optimizer_to_flat(engine.optimizer)
-        flat = {f"{n}::{k}": v for n, st in opt_state.items() for k, v in st.items() if torch.is_tensor(v)}
+        flat = {}
+        for n, st in opt_state.items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    p = live.get(n)
+                    sharded_like_p = p is not None and dist_utils.is_sharded(p) and tuple(v.shape) == tuple(p.shape)
+                    flat[f"{n}::{k}"] = dist_utils.place(v, p) if sharded_like_p else v
         ckpt.optimizer_from_flat(engine.optimizer, flat, meta)
 
 
@@ -45,7 +59,13 @@ class OnlineUnlearner:
         if step == 0:
             return {"method": self.method, "note": "request before the first step: nothing learned yet"}
         recorder.flush(wait=True)
-        session = UnlearnSession(log_dir=recorder.log_dir)
+        # Several ranks: all apply the request at this step (the trainer synchronises requests), the
+        # main one has just flushed the log they all read, and they compute the correction together.
+        trainer.accelerator.wait_for_everyone()
+        # the live run's own log: the user's own model setting applies (it is not a received run)
+        session = UnlearnSession(log_dir=recorder.log_dir,
+                                 trust_remote_code=bool(trainer.config.model.trust_remote_code))
+        session.progress_leave = False  # inside the training bar
         used = [i for i in ids if session.log.steps_containing([i])]
         if not used:
             return {"method": self.method, "note": "samples not used yet: excluded from now on"}

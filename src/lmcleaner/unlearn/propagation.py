@@ -106,6 +106,7 @@ class SweepStats:
     injection_norms: dict[int, dict[int, float]] = field(default_factory=dict)  # step -> request -> norm
     hvp_path: str | None = None
     seconds: float = 0.0
+    probe: dict[int, list[Params]] = field(default_factory=dict)  # step -> per request: deviation before it
 
 
 @dataclass
@@ -134,11 +135,13 @@ def _bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class _Columns:
     """Stacked deviation vectors; see the module docstring."""
 
-    def __init__(self, template: Params, keys: tuple[str, ...]) -> None:
+    def __init__(self, template: Params, keys: tuple[str, ...], wide: tuple[str, ...] = ()) -> None:
         self.template = {n: torch.zeros_like(t) for n, t in template.items()}
         self.keys = ("d", *keys)
-        self.state: dict[str, Params] = {k: {n: t.new_zeros((0, *t.shape)) for n, t in template.items()}
-                                         for k in self.keys}
+        # ``wide`` keys are kept in float64: see the AdamW exact map in ``propagate``
+        self.state: dict[str, Params] = {
+            k: {n: t.new_zeros((0, *t.shape), dtype=torch.float64 if k in wide else t.dtype)
+                for n, t in template.items()} for k in self.keys}
         self.request: list[int] = []
         self.start: list[int] = []
         self.end: list[int] = []
@@ -167,7 +170,7 @@ class _Columns:
         out = []
         for r in range(n_requests):
             cols = [c for c, rr in enumerate(self.request) if rr == r]
-            out.append({n: (t[cols].sum(0) if cols else torch.zeros_like(self.template[n]))
+            out.append({n: (t[cols].sum(0) if cols else torch.zeros_like(self.template[n])).to(self.template[n].dtype)
                         for n, t in self.state[key].items()})
         return out
 
@@ -204,6 +207,22 @@ class _Clip:
         return {n: _bcast(coef, y[n]) * y[n] - gc[n] for n in e}
 
 
+def _decay_carried_state(cols: _Columns, tau: int, b1: float, b2: float, mu: float) -> None:
+    """A column whose window ended at ``e < tau - 1`` is carried to ``tau`` with no
+    further gradient difference, so its optimizer-state deviation decays exactly as
+    the real state would: ``dm, dv, db`` after step ``e`` are multiplied by
+    ``beta1, beta2, mu`` to the power ``tau - 1 - e``. Without this, a stale ``dv``
+    can exceed ``v`` (which decayed meanwhile) and drive ``v + dv`` negative."""
+    for c, end in enumerate(cols.end):
+        n = tau - 1 - end
+        if n <= 0:
+            continue
+        for key, rate in (("dm", b1), ("dv", b2), ("db", mu)):
+            if key in cols.state:
+                for t in cols.state[key].values():
+                    t[c].mul_(rate ** n)
+
+
 def _group_of(spec: OptimizerSpec, names: Iterable[str]) -> dict[str, int]:
     where = {n: i for i, g in enumerate(spec.groups) for n in g.names}
     missing = [n for n in names if n not in where]
@@ -228,6 +247,9 @@ def propagate(
     track_second_moment: bool = True,
     optimizer_map: str = "exact",
     last_injection: int | None = None,
+    initial: dict[str, Params] | None = None,
+    probe_steps: Iterable[int] = (),
+    counterfactual_batches: Callable[[ReplayedStep, int], tuple[list, int] | None] | None = None,
 ) -> PropagationResult:
     """Propagate all injections to ``tau`` in ONE pass over ``steps``.
 
@@ -240,6 +262,25 @@ def propagate(
     the first injection are consumed without work. ``hvp`` may be ``None``
     only when no propagation is needed (``K = 0``). Returns the deviations of
     each request ``0 .. n_requests-1`` at ``tau``, in float32.
+
+    ``initial``: a deviation already present before the first step (request
+    0): ``{"d": ..., "dm": ..., "dv": ...}`` (AdamW) or ``{"d", "db"}`` (SGD
+    momentum), e.g. the end of an exactly replayed window; it is propagated
+    from the first step on for ``K`` steps like a column injected just before.
+
+    ``counterfactual_batches(step, request)``: at a step that contains samples a
+    request removes, its counterfactual gradient is ``grad L^{-Z}(theta + d)``, whose
+    linearisation is ``e + H^{-Z} d`` -- the curvature of the *remaining* rows,
+    normalised by their own token count ``N'``. It returns ``(kept batches, N')``
+    there (``None`` elsewhere). Using the full batch's ``H d`` instead adds
+    ``H_Z d``, a spurious gradient on coordinates only ``Z`` touched; AdamW
+    normalises it into a full-size update (measured: embedding rows of the removed
+    samples' rare tokens moved by a whole learning rate instead of 0).
+
+    ``probe_steps``: also return (``stats.probe[step]``) each request's deviation
+    as it stands before those steps -- to compare with an exact replay segment,
+    or to see how much it still changes at the end of a window (the error
+    estimates of ``unlearn.handlers``).
     """
     if rule not in RULES:
         raise ValueError(f"unknown propagation rule {rule!r}; use one of {RULES}")
@@ -258,6 +299,7 @@ def propagate(
 
     t0 = time.perf_counter()
     stats = SweepStats(sweeps=1)
+    want = {int(p) for p in probe_steps}
     cols: _Columns | None = None
     group: dict[str, int] = {}
     expected: int | None = None
@@ -270,11 +312,13 @@ def propagate(
             raise ValueError(f"steps must be consecutive: got step {s} after {expected - 1}")
         if s >= tau:
             break
+        if s in want and cols is not None:
+            stats.probe[s] = cols.per_request("d", n_requests)
         expected = s + 1
         stats.steps_seen += 1
         params = to_compute(st.params)
         if cols is None:
-            cols = _Columns(params, keys)
+            cols = _Columns(params, keys, wide=("dm", "dv") if (adam and exact_map) else ())
             group = _group_of(spec, params)
             if len(spec.groups) != len(st.record.lrs):
                 raise ValueError(f"step {s}: {len(st.record.lrs)} recorded lrs for {len(spec.groups)} param groups")
@@ -292,6 +336,15 @@ def propagate(
                     stats.grad_evals += 1
             return grad_cache[0]
 
+        if initial is not None:
+            c0 = cols.get(0, s - 1, min(s + K, tau - 1))
+            for key, values in initial.items():
+                if key in cols.state:
+                    like = cols.state[key]
+                    idx0 = torch.tensor([c0], device=next(iter(like.values())).device)  # on the tensors' device
+                    cols.put(key, idx0, {n: v.to(device=like[n].device, dtype=like[n].dtype).unsqueeze(0)
+                                         for n, v in values.items()})
+            initial = None
         injections = injector(st, params, step_grad)
         inj_cols: dict[int, Params] = {}
         for r, e in injections.items():
@@ -315,11 +368,23 @@ def propagate(
         if need:
             if hvp is None:
                 raise ValueError("propagation needs an HVP backend (K > 0)")
-            sub = torch.tensor(need, device=idx.device)
-            out = hvp.hvp(params, st.batches, st.record.normaliser,
-                          {n: t.index_select(0, sub) for n, t in d.items()}, step=s)
-            for n in hd:
-                hd[n].index_copy_(0, sub, out[n])
+            groups: dict[int | None, list[int]] = {}
+            cf: dict[int, tuple[list, int]] = {}
+            for i in need:
+                r = cols.request[active[i]]
+                if counterfactual_batches is not None and r not in cf:
+                    got = counterfactual_batches(st, r)
+                    if got is not None:
+                        cf[r] = got
+                groups.setdefault(r if r in cf else None, []).append(i)
+            for r, members in groups.items():
+                batches, normaliser = (st.batches, st.record.normaliser) if r is None else cf[r]
+                if hvp.loss_is_zero(batches, normaliser):  # nothing of the step remains: its loss is 0
+                    continue
+                sub = torch.tensor(members, device=idx.device)
+                out = hvp.hvp(params, batches, normaliser, {n: t.index_select(0, sub) for n, t in d.items()}, step=s)
+                for n in hd:
+                    hd[n].index_copy_(0, sub, out[n])
             stats.hvp_path = hvp.last_path
         e = {n: torch.zeros_like(t) for n, t in d.items()}
         for i, c in enumerate(active):
@@ -365,30 +430,38 @@ def propagate(
         gc = clip.value()
         dm, dv = cols.take("dm", idx), cols.take("dv", idx)
         new_d = {}
+        # The exact map evaluates Adam at (m + dm, v + dv). Where a removed sample carried
+        # (almost) the whole gradient of a coordinate -- the embedding rows of its rare
+        # tokens -- v + dv is a tiny difference of large numbers; in float32 it is rounding
+        # noise, clamped at 0, and the update becomes m / eps (measured: a relative error
+        # of 4.5 in such rows after two steps). The moments' arithmetic is therefore float64.
+        wide = torch.float64 if exact_map else torch.float32
         for n in d:
             stn = opt_state.get(n, {})
-            m0 = stn["exp_avg"].float() if "exp_avg" in stn else torch.zeros_like(gc[n])
-            v0 = stn["exp_avg_sq"].float() if "exp_avg_sq" in stn else torch.zeros_like(gc[n])
+            m0 = stn["exp_avg"].to(wide) if "exp_avg" in stn else torch.zeros_like(gc[n], dtype=wide)
+            v0 = stn["exp_avg_sq"].to(wide) if "exp_avg_sq" in stn else torch.zeros_like(gc[n], dtype=wide)
+            g_n, dg_n = gc[n].to(wide), dgrad[n].to(wide)
             t = float(stn["step"]) + 1 if "step" in stn else 1.0
             bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
-            m = b1 * m0 + (1 - b1) * gc[n]
-            v = b2 * v0 + (1 - b2) * gc[n] ** 2
+            m = b1 * m0 + (1 - b1) * g_n
+            v = b2 * v0 + (1 - b2) * g_n ** 2
             m_hat, root = m / bc1, torch.sqrt(v / bc2)
             den = root + spec.eps
-            dm[n] = b1 * dm[n] + (1 - b1) * dgrad[n]
+            dm_n = b1 * dm[n].to(wide) + (1 - b1) * dg_n
             if not track_second_moment:
-                dv[n] = torch.zeros_like(dv[n])
-            elif exact_map:
-                dv[n] = b2 * dv[n] + (1 - b2) * (2 * gc[n] + dgrad[n]) * dgrad[n]
+                dv_n = torch.zeros_like(dm_n)
+            elif exact_map:  # v' = b2 (v0 + dv) + (1-b2)(g + dg)^2, as a deviation from v
+                dv_n = b2 * dv[n].to(wide) + (1 - b2) * (2 * g_n + dg_n) * dg_n
             else:
-                dv[n] = b2 * dv[n] + 2 * (1 - b2) * gc[n] * dgrad[n]
+                dv_n = b2 * dv[n].to(wide) + 2 * (1 - b2) * g_n * dg_n
             if exact_map:
-                du = (m + dm[n]) / bc1 / (torch.sqrt((v + dv[n]).clamp_min(0) / bc2) + spec.eps) - m_hat / den
+                du = (m + dm_n) / bc1 / (torch.sqrt((v + dv_n).clamp_min(0) / bc2) + spec.eps) - m_hat / den
             else:
                 # d(m_hat/den)/d(v_hat) is 0/0 where v == 0 (no gradient ever): take 0
                 dv_coef = torch.where(root > 0, m_hat / (2 * root.clamp_min(1e-30) * den ** 2), torch.zeros_like(root))
-                du = dm[n] / bc1 / den - dv_coef * dv[n] / bc2
-            new_d[n] = (1 - eta[n] * wd[n]) * d[n] - eta[n] * du - eta[n] * damping * d[n]
+                du = dm_n / bc1 / den - dv_coef * dv_n / bc2
+            dm[n], dv[n] = dm_n.to(dm[n].dtype), dv_n.to(dv[n].dtype)
+            new_d[n] = (1 - eta[n] * wd[n]) * d[n] - eta[n] * du.to(d[n].dtype) - eta[n] * damping * d[n]
         cols.put("dm", idx, dm)
         cols.put("dv", idx, dv)
         cols.put("d", idx, new_d)
@@ -401,6 +474,10 @@ def propagate(
     if cols is None:  # pragma: no cover - guarded above
         raise ValueError("no steps")
     stats.columns = len(cols.request)
+    for p in sorted(want - set(stats.probe)):
+        if expected is not None and expected <= p:  # the sweep stopped earlier: carried unchanged
+            stats.probe[p] = cols.per_request("d", n_requests)
+    _decay_carried_state(cols, tau, b1, b2, spec.momentum if sgd_mom else 0.0)
     if hvp is not None:
         stats.hvp_calls = hvp.calls - hvp_calls0
         stats.hvp_vectors = hvp.vectors - hvp_vectors0

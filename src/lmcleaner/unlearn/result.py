@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # annotations only: `lmcleaner unlearn --help` lists the methods without importing torch
+    import torch
 
 
 class UnlearnError(ValueError):

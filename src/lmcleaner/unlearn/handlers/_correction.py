@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..methods import apply_correction
 from ..result import UnlearnError, UnlearnResult
 
 log = logging.getLogger("lmcleaner.unlearn")
@@ -41,10 +40,17 @@ class PropagationConfig:
     optimizer_map: str = "exact"
     exact_impl: str = "double_backward"
     track_second_moment: bool = True
+    # propagation inside the window: linear (HVPs, DESIGN §3) | replay (exact replay, unlearn.windowed)
+    propagation: str = "linear"
+    carry: str = "frozen"  # propagation=replay, past the window: frozen | momentum | linear
+    carry_hessian_mode: str = "exact"  # curvature of carry=linear
+    tol: float = 0.0  # propagation=replay: > 0 extends a window until its estimated carry error is <= tol
 
     def validate(self) -> None:
         if self.K < 1:
             raise ValueError(f"trainer.method_args.K={self.K}: the propagation window K must be >= 1 step")
+        if self.propagation not in ("linear", "replay"):
+            raise ValueError(f"trainer.method_args.propagation={self.propagation!r}: use linear or replay")
 
 
 class CorrectionMethod:
@@ -57,6 +63,93 @@ class CorrectionMethod:
 
     def algorithm(self, cfg: Any):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # ------------------------------------------------------- error estimate
+    def _probe_steps(self, session, touched: list[int], level: str) -> list[int]:
+        """Restore points after the first use that an exact replay from it reaches within the
+        probe budget (sample level only: the exact counterfactual is a replay without the ids)."""
+        from ..windowed import window_boundary
+
+        if level != "sample":
+            return []
+        first = touched[0]
+        restore = session.log.restore_point_for(first).step
+        budget = _probe_budget(session, first)
+        points, p = [], window_boundary(session.log, first + 1, session.tau)
+        while p < session.tau and p - restore <= budget:
+            points.append(p)
+            p = window_boundary(session.log, p + 1, session.tau)
+        return points
+
+    def _truncation_steps(self, session, touched: list[int], reach: int) -> tuple[int, int] | None:
+        """``(a, b)``: two steps at the end of the last window (``b`` = its end) whose deviations
+        show how much it was still changing when it was cut; ``None`` when it reaches ``tau``."""
+        b = min(touched[-1] + reach, session.tau - 1) + 1
+        if b >= session.tau:
+            return None
+        interval = int(session.log.meta.get("checkpoint_interval") or 0) or reach or 1
+        return max(touched[-1], b - max(1, min(reach, interval))), b
+
+    def _estimate(self, session, ids: list[int], touched: list[int], probes: list[int],
+                  trunc: tuple[int, int] | None, corr) -> dict[str, Any]:
+        """``estimated_error`` = linearisation + truncation, relative to the correction's size.
+
+        - linearisation: the correction's relative error against one exact replay from the first
+          use, at each restore point it reaches within the probe budget (a quarter of replay's
+          cost); the last one, scaled by the learning rate from the first use to ``tau`` over
+          that up to the probe (linearisation error accumulates as training moves);
+        - truncation: past the window the deviation is carried unchanged, so the error is what it
+          would still have changed. Its rate at the window's end, ``||d_b - d_a|| / ||d_b||`` per
+          unit of learning rate, times the learning rate still to come, estimates it (the same
+          rule as the windowed method's, ``unlearn.windowed``).
+        A value near or above 1 means the correction is no better than doing nothing."""
+        from ..windowed import lr_mass
+
+        out: dict[str, Any] = {"probe_steps": 0, "estimate_parts": {}}
+        parts = out["estimate_parts"]
+        probes = [p for p in probes if p in corr.probe]
+        if probes:  # one exact counterfactual replay, compared with the prediction at each restore point
+            rep, forget, t0 = session.replayer, frozenset(ids), touched[0]
+            before = rep.steps_run
+            rep.seek(t0)
+            errors = []
+            for p in probes:
+                while rep.position < p:
+                    rep.step_without(rep.position, forget)
+                cf, cf_opt = rep._params(), rep._opt_state()
+                theta_p, _ = rep.state_at(p)  # a restore point: read, not replayed
+                exact = {n: cf[n].double() - theta_p[n].double() for n in theta_p}
+                num = sum(float(((corr.probe[p][n].double() - exact[n]) ** 2).sum()) for n in exact) ** 0.5
+                den = sum(float((exact[n] ** 2).sum()) for n in exact) ** 0.5
+                errors.append((p, num / den if den > 0 else 0.0))
+                rep.load_state(cf, cf_opt)  # continue the counterfactual
+            out["probe_steps"] = rep.steps_run - before
+            last, e = errors[-1]
+            # linearisation error grows as training moves: extrapolate by the learning rate still to come
+            seen = lr_mass(session.log, t0, last)
+            parts["linearisation"] = e * lr_mass(session.log, t0, session.tau) / seen if seen > 0 else e
+            parts["linearisation_probes"] = [[p, err] for p, err in errors]
+        if trunc is None:
+            parts["truncation"] = 0.0
+        elif trunc[1] in corr.probe:
+            a, b = trunc
+            db = corr.probe[b]
+            da = corr.probe.get(a) or {n: v.new_zeros(v.shape) for n, v in db.items()}  # before the first use: 0
+            nb = sum(float((v.double() ** 2).sum()) for v in db.values()) ** 0.5
+            change = (sum(float(((db[n].double() - da[n].double()) ** 2).sum()) for n in db) ** 0.5 / nb
+                      if nb > 0 else 1.0)
+            seg, rest = lr_mass(session.log, a, b), lr_mass(session.log, b, session.tau)
+            parts["truncation"] = change * rest / seg if seg > 0 else float("inf")
+        if "linearisation" in parts and "truncation" in parts:
+            out["estimated_error"] = parts["linearisation"] + parts["truncation"]
+            out["estimate_source"] = "linearisation probe + truncation rate"
+        elif "truncation" in parts and parts["truncation"] >= 1:
+            out["estimated_error"] = parts["truncation"]  # already says: no better than doing nothing
+            out["estimate_source"] = "truncation rate (no affordable linearisation probe)"
+        else:
+            out["estimated_error"] = None
+            out["estimate_source"] = "none (no affordable probe segment)"
+        return out
 
     def reach(self, cfg: Any) -> int:
         """Steps propagated after the last injection (the sweep stops there)."""
@@ -79,19 +172,30 @@ class CorrectionMethod:
         start = touched[0]
         end = min(session.tau, touched[-1] + self.reach(cfg) + 1)
         restore = session.log.restore_point_for(start).step
-        steps_iter = session.replayer.iter_steps(start, end)
+        steps_iter, recovery_cost = session.iter_steps(start, end)
         diag = session.log.diag_provider() if hessian_mode == "diag" else None
+        probes = self._probe_steps(session, touched, level)
+        trunc = self._truncation_steps(session, touched, self.reach(cfg))
         corr = algo.compute(session.template, steps_iter, session.spec, forget, session.tau, diag,
-                            last_injection=touched[-1])
+                            last_injection=touched[-1], probe_steps=[p for p in (*probes, *(trunc or ())) if p])
+        from ..methods import apply_correction
+
         theta, opt_state = session.replayer.state_at(session.tau)
         params, new_state = apply_correction(theta, opt_state, corr)
+        recovery = recovery_cost()  # steps replayed (light) or gradients (heavy) to recover past states
+        estimate = self._estimate(session, ids, touched, probes, trunc, corr)
         seconds = time.perf_counter() - t0
         guard = session.retain_guard(theta, params, ids)
         audit = corr.audit.to_json()
-        recovery = (start - restore) + (end - start)  # training steps replayed to recover past parameters
+        extra = recovery + estimate["probe_steps"]
+        if audit.get("grad_equivalents_measured") is not None:
+            audit["grad_equivalents_measured_total"] = audit["grad_equivalents_measured"] + extra
+        if hessian_mode == "diag":  # the diagonal was paid for at record time: say how much
+            audit["record_time_grad_equivalents"] = _diag_record_cost(session, end - start)
         info = {**audit, "method": self.name, "steps_touched": touched, "recovery_steps": recovery,
-                "grad_equivalents_total": audit["grad_equivalents"] + recovery, "seconds": seconds,
-                "sweep_range": [start, end], "restored_from": restore, **guard}
+                "storage": session.log.storage,
+                "grad_equivalents_total": audit["grad_equivalents"] + extra,
+                "seconds": seconds, "sweep_range": [start, end], "restored_from": restore, **estimate, **guard}
         if guard["diverged"]:
             log.warning("%s: the correction raised the retain loss from %.3f to %.3f; the linearised propagation "
                         "is probably outside its regime (large steps or a large deletion): prefer method=replay",
@@ -99,16 +203,60 @@ class CorrectionMethod:
         return UnlearnResult(self.name, ids, session.tau, params, new_state, info)
 
 
-class LMCleanerMethod(CorrectionMethod):
-    """LMCleaner at one level: ``Algorithm`` is the ``unlearn.methods`` class it drives."""
+def _diag_record_cost(session, steps: int) -> float:
+    """Gradient-equivalents the recorder spent on the diagonals of ``steps`` steps: a
+    Hutchinson probe is one HVP (measured ~2 gradients) per probe; the empirical Fisher
+    squares a gradient the step computed anyway (~0)."""
+    from ..hvp import HVP_COST_IN_GRADS
 
-    Algorithm: ClassVar[type]
+    meta = session.log.meta
+    if meta.get("diag_estimator", "hutchinson") != "hutchinson":
+        return 0.0
+    probes = int((meta.get("settings") or {}).get("diag_probes", 1) or 1)
+    return steps * probes * HVP_COST_IN_GRADS["exact"]
+
+
+def _probe_budget(session, first_use: int) -> int:
+    """At most this many replayed steps are spent on the error probe."""
+    replay = session.tau - session.log.restore_point_for(first_use).step
+    return max(int(session.log.meta.get("checkpoint_interval") or 0), replay // 4)
+
+
+class LMCleanerMethod(CorrectionMethod):
+    """LMCleaner at one level: ``algorithm_class`` names the ``unlearn.methods`` class it drives
+    (imported when it runs: registering the methods must not import torch)."""
+
+    algorithm_class: ClassVar[str]
 
     @dataclass
     class Config(PropagationConfig):
         pass
 
+    def run(self, session, ids: list[int], cfg: PropagationConfig) -> UnlearnResult:
+        if cfg.propagation == "replay":
+            return self._run_windowed(session, ids, cfg)
+        return super().run(session, ids, cfg)
+
+    def _run_windowed(self, session, ids: list[int], cfg: PropagationConfig) -> UnlearnResult:
+        from ..windowed import WindowedReplay
+
+        if self.level != "sample":
+            raise UnlearnError("propagation=replay is sample level: use trainer=LMCleanerSample "
+                               "(a forgotten batch is a sample-level request for all its samples)")
+        try:
+            algo = WindowedReplay(K=cfg.K, tol=cfg.tol, carry=cfg.carry, carry_hessian_mode=cfg.carry_hessian_mode,
+                                  damping=cfg.damping)
+        except ValueError as err:
+            raise UnlearnError(str(err)) from None
+        theta, _ = session.replayer.state_at(session.tau)
+        params, new_state, info = algo.compute(session, ids)
+        guard = session.retain_guard(theta, params, ids)
+        info = {**info, "method": self.name, "level": "sample", "hessian_mode": None, **guard}
+        return UnlearnResult(self.name, ids, session.tau, params, new_state, info)
+
     def algorithm(self, cfg: PropagationConfig):
-        return self.Algorithm(K=cfg.K, hessian_mode=cfg.hessian_mode, damping=cfg.damping,
+        from .. import methods
+
+        return getattr(methods, self.algorithm_class)(K=cfg.K, hessian_mode=cfg.hessian_mode, damping=cfg.damping,
                               track_second_moment=cfg.track_second_moment, optimizer_map=cfg.optimizer_map,
                               exact_impl=cfg.exact_impl)

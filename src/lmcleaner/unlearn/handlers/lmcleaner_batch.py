@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..methods import LMCleanerBatchLevel
 from ..registry import register_method
 from ._correction import LMCleanerMethod
 
@@ -14,4 +13,4 @@ class LMCleanerBatch(LMCleanerMethod):
     name = "LMCleanerBatchLevel"
     aliases = ("LMCleanerBatch",)
     level = "batch"
-    Algorithm = LMCleanerBatchLevel
+    algorithm_class = "LMCleanerBatchLevel"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..methods import LMCleanerSampleLevel
 from ..registry import register_method
 from ._correction import LMCleanerMethod
 
@@ -14,4 +13,4 @@ class LMCleanerSample(LMCleanerMethod):
     name = "LMCleanerSampleLevel"
     aliases = ("LMCleanerSample",)
     level = "sample"
-    Algorithm = LMCleanerSampleLevel
+    algorithm_class = "LMCleanerSampleLevel"

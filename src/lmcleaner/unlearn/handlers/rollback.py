@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..methods import Rollback as Algorithm
 from ..registry import register_method
 from ._correction import CorrectionMethod
 
@@ -23,5 +22,7 @@ class RollbackMethod(CorrectionMethod):
     def reach(self, cfg: Config) -> int:
         return 0
 
-    def algorithm(self, cfg: Config) -> Algorithm:
-        return Algorithm(level=cfg.level)
+    def algorithm(self, cfg: Config):
+        from ..methods import Rollback
+
+        return Rollback(level=cfg.level)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..methods import SGDFormula as Algorithm
 from ..registry import register_method
 from ._correction import CorrectionMethod, PropagationConfig
 
@@ -20,5 +19,7 @@ class SGDFormulaMethod(CorrectionMethod):
     class Config(PropagationConfig):
         level: str = "sample"  # sample | batch
 
-    def algorithm(self, cfg: Config) -> Algorithm:
-        return Algorithm(level=cfg.level, K=cfg.K, hessian_mode=cfg.hessian_mode, damping=cfg.damping)
+    def algorithm(self, cfg: Config):
+        from ..methods import SGDFormula
+
+        return SGDFormula(level=cfg.level, K=cfg.K, hessian_mode=cfg.hessian_mode, damping=cfg.damping)

@@ -2,9 +2,11 @@
 
 For a mixture of experts trained with router losses the network has a second
 output, the router logits ``r`` of every MoE layer, and the micro-batch
-objective ``l_b = S_b + (N~/M+) A(r)`` (``unlearn.functional``) has a loss on
-each; the GGN is then ``J_z^T H_z J_z + (N~/M+) J_r^T (d^2 A / dr^2) J_r``,
-summed over micro-batches and divided by ``N~``. ``d^2 A/dr^2`` is the exact
+objective ``l_b = S_b + w A(r)`` (``w = N~/M+`` of the whole step,
+``unlearn.functional``) has a loss on each; the GGN is then
+``J_z^T H_z J_z + w J_r^T (d^2 A / dr^2) J_r`` per micro-batch, summed over
+this rank's micro-batches (``_product_sum``), all-reduced and divided by
+``N~`` (``hvp.base``). ``d^2 A/dr^2`` is the exact
 Hessian of the auxiliary loss in the router logits (the top-k assignment
 fractions are constants); the load-balance part of it is not positive
 semi-definite, so with router losses the GGN is no longer guaranteed PSD.
@@ -15,8 +17,8 @@ from __future__ import annotations
 from torch.func import grad, jvp, vjp
 
 from lmcleaner.train.loss import IGNORE_INDEX, shift_labels
-from lmcleaner.train.router import count_nonempty, has_samples
-from lmcleaner.unlearn.functional import Batch, FunctionalLM, Params, step_scale
+from lmcleaner.train.router import has_samples
+from lmcleaner.unlearn.functional import Batch, FunctionalLM, Params
 from lmcleaner.unlearn.hvp.base import HVPBackend, accumulate, register_backend
 
 
@@ -43,12 +45,11 @@ class GGNHVP(HVPBackend):
     def build(cls, fl, *, diag_provider=None, **options):
         return cls(fl)
 
-    def _hvp(self, params, batches, normaliser, vectors, step):
+    def _product_sum(self, params, batches, vectors, router_weight=0.0):
         total: Params | None = None
-        scale, m = step_scale(normaliser), count_nonempty(batches)
         router = self.fl.router
         for b in batches:
-            with_router = router is not None and m > 0 and has_samples(b)
+            with_router = router is not None and router_weight != 0.0 and has_samples(b)
 
             def f(p: Params, b: Batch = b, with_router: bool = with_router):
                 logits, router_logits = self.fl.forward(p, b)
@@ -71,7 +72,7 @@ class GGNHVP(HVPBackend):
                 if not with_router:
                     return pullback(u)[0]
                 hr = jvp(grad(aux_of), (r0,), (tuple(jv[1]),))[1]
-                return pullback((u, tuple((scale / m) * t for t in hr)))[0]
+                return pullback((u, tuple(router_weight * t for t in hr)))[0]
 
             total = accumulate(total, self._batched(one, vectors))
-        return {n: t / scale for n, t in total.items()}
+        return total

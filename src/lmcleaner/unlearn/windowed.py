@@ -1,0 +1,327 @@
+"""LMCleaner with exact replay inside the window (``propagation=replay``).
+
+Why. The linear propagation (``unlearn.propagation``) pays, per propagated
+step, a replayed step to recover ``theta_s`` *and* a Hessian-vector product
+(2-2.5 gradients), and it linearises the step. Inside the window the exact
+answer is cheaper: replay the window's steps without the forgotten samples,
+one gradient per step and no linearisation error. Only what lies beyond the
+window is approximated.
+
+The deviation. For a request ``Z`` with uses at steps ``t_1 < t_2 < ...``,
+the counterfactual run ``theta'`` differs from the recorded ``theta`` from
+``t_1`` on. Write ``d_s = theta'_s - theta_s`` and ``D_s`` for the optimizer
+state deviation (AdamW ``m, v``; SGD momentum ``b``).
+
+Windows. From a use ``t``, the engine is brought to ``theta_t`` (nearest
+restore point + exact replay), the carried deviation ``(d_t, D_t)`` is added
+to parameters and optimizer state, and the recorded steps ``t .. w - 1`` are
+replayed with ``Z`` excluded (normalisers recomputed): that is the
+counterfactual itself. ``w`` is the first *restore point* at or after
+``t + K`` (or ``tau``), because the recorded ``theta_w`` is then read from
+disk, not replayed: a window costs its own steps only. Uses inside a window
+are covered by it; a later use opens a new window.
+
+Adaptive window (``tol > 0``). A window is extended restore point by
+restore point while the deviation is still changing: with ``delta_j =
+||d_{w_j} - d_{w_{j-1}}|| / ||d_{w_j}||`` over a segment whose learning-rate
+mass is ``M_j = sum eta_s``, the change still to come is estimated as
+``delta_j * M_rest / M_j`` (the deviation moves in proportion to the steps
+taken); the window stops when that is ``<= tol``. This is the adaptive ``K``:
+short where training has settled the deviation, long where it has not.
+
+Carry (``carry``), from a window's end ``w`` to the next use or ``tau``:
+
+- ``frozen``: ``d`` is kept except for decoupled weight decay
+  (``d <- (1 - eta wd) d``, exact and free); ``D`` decays as the real state
+  does with no further gradient difference (``m: beta1^n``, ``v: beta2^n``,
+  momentum ``mu^n``).
+- ``momentum``: ``frozen`` plus what the optimizer-state deviation still does
+  to the parameters: AdamW ``d -= eta_k dm_k / bc1 / (sqrt(v / bc2) + eps)``
+  with ``dm_k = beta1^k dm_w`` and ``v`` held at its window-end value; SGD
+  ``d -= eta_k mu^k b_w``. No model evaluation.
+- ``linear``: the linear propagation (``propagate``) from ``(d_w, D_w)`` with
+  ``carry_hessian_mode`` curvature over the remaining steps (a replayed step
+  plus a curvature product per step: the accurate and expensive carry).
+
+Estimated error (``estimated_error`` in the result): ``0`` when the last
+window reaches ``tau``; else the change-rate extrapolation above from the last
+two measured deviations of the window (or, when the window holds a single
+restore point, the deviation at the window start, ``d = 0``, which makes the
+estimate conservative: ``M_rest / M_window``), summed over the carries that
+do not reach ``tau`` exactly. Relative to ``||d||``, i.e. an estimate of the
+relative parameter error ``||theta_hat - theta_re|| / ||theta - theta_re||``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .functional import Params
+
+CARRIES = ("frozen", "momentum", "linear")
+OptState = dict[str, dict[str, torch.Tensor]]
+
+
+@dataclass
+class WindowStats:
+    windows: list[dict[str, Any]] = field(default_factory=list)
+    carries: list[dict[str, Any]] = field(default_factory=list)
+    counterfactual_steps: int = 0
+    estimated_error: float = 0.0
+
+
+def _sub(a: Params, b: Params) -> Params:
+    return {n: a[n].double() - b[n].double() for n in a}
+
+
+def _norm(x: Params) -> float:
+    return math.sqrt(sum(float((v.double() ** 2).sum()) for v in x.values()))
+
+
+def _state_sub(a: OptState, b: OptState) -> OptState:
+    out: OptState = {}
+    for n, st in a.items():
+        out[n] = {k: v.double() - b[n][k].double() for k, v in st.items()
+                  if torch.is_tensor(v) and k != "step" and k in b.get(n, {})}
+    return out
+
+
+def _state_add(base: OptState, delta: OptState, betas: tuple[float, float] | None) -> OptState:
+    from .methods import _consistent_second_moment
+
+    out: OptState = {}
+    for n, st in base.items():
+        dst = delta.get(n, {})
+        new = {k: ((v.double() + dst[k]).to(v.dtype) if (torch.is_tensor(v) and k in dst) else v)
+               for k, v in st.items()}
+        if "exp_avg_sq" in dst:
+            new["exp_avg_sq"] = _consistent_second_moment(new["exp_avg_sq"], new.get("exp_avg"), betas)
+        out[n] = new
+    return out
+
+
+def lr_mass(log, a: int, b: int) -> float:
+    """``sum eta_s`` over steps ``a .. b-1`` (first parameter group): how far training moved."""
+    return sum(float(log.record(s).lrs[0]) for s in range(a, b))
+
+
+def window_boundary(log, at_least: int, tau: int) -> int:
+    """The first restore point ``>= at_least`` whose state is on disk as it is (else ``tau``):
+    a window ending there reads the recorded ``theta`` instead of replaying it."""
+    for p in sorted(pt.step for pt in log.restore_points):
+        if at_least <= p < tau and log.restore_point_for(p).step == p:
+            return p
+    return tau
+
+
+class WindowedReplay:
+    """Sample-level correction with exact windows and a carry; see the module docstring."""
+
+    def __init__(self, K: int = 50, tol: float = 0.0, carry: str = "frozen", carry_hessian_mode: str = "exact",
+                 damping: float = 0.0, max_window: int | None = None) -> None:
+        if K < 1:
+            raise ValueError(f"K={K}: the replayed window must be >= 1 step")
+        if carry not in CARRIES:
+            raise ValueError(f"unknown carry {carry!r}; use one of {CARRIES}")
+        if tol < 0:
+            raise ValueError(f"tol={tol} must be >= 0 (0: fixed windows of K steps)")
+        self.K, self.tol, self.carry, self.carry_hessian_mode = K, tol, carry, carry_hessian_mode
+        self.damping, self.max_window = damping, max_window
+
+    # ----------------------------------------------------------- helpers
+    def _boundary(self, log, at_least: int, tau: int) -> int:
+        return window_boundary(log, at_least, tau)
+
+    def _lr_mass(self, log, a: int, b: int) -> float:
+        return lr_mass(log, a, b)
+
+    # ------------------------------------------------------------- run
+    def compute(self, session, ids: list[int]) -> tuple[Params, OptState | None, dict[str, Any]]:
+        t0 = time.perf_counter()
+        rep, log, tau, spec = session.replayer, session.log, session.tau, session.spec
+        forget = frozenset(int(i) for i in ids)
+        uses = session.steps_for(ids)
+        steps_before = rep.steps_run
+        stats = WindowStats()
+        self._carry_log = stats.carries
+        d: Params | None = None
+        D: OptState | None = None
+        pos = uses[0]
+        i = 0
+        est = 0.0
+        betas = tuple(spec.betas) if spec.name.lower() == "adamw" else None
+        while i < len(uses):
+            t = uses[i]
+            if d is not None and pos < t:
+                d, D, e = self._carry(session, d, D, pos, t)
+                est += e
+            rep.seek(t)
+            if d is not None:
+                theta_t, opt_t = rep.state_at(t)
+                rep.load_state({n: (theta_t[n].double() + d[n]).to(theta_t[n].dtype) for n in theta_t},
+                               _state_add(opt_t, D, betas) if D else None)
+            # the window: from t to a restore point at or after t + K (covering later uses inside it)
+            end = self._boundary(log, t + self.K, tau)
+            s = t
+            history: list[tuple[int, Params | None]] = [(t, d)]
+            window_log: dict[str, Any] = {"start": t, "segments": []}
+            while True:
+                while s < end:  # later uses inside the window are covered: Z is excluded at every step
+                    rep.step_without(s, forget)
+                    s += 1
+                    stats.counterfactual_steps += 1
+                cf_theta, cf_opt = rep._params(), rep._opt_state()
+                theta_w, opt_w = rep.state_at(end)
+                d, D = _sub(cf_theta, theta_w), _state_sub(cf_opt, opt_w)
+                prev_step, prev_d = history[-1]
+                history.append((end, d))
+                if end >= tau:
+                    e_window = 0.0
+                    window_log["segments"].append({"end": end, "norm": _norm(d)})
+                    break
+                nd = _norm(d)
+                change = _norm(_sub(d, prev_d)) / nd if (nd > 0 and prev_d is not None) else 1.0
+                seg_mass = self._lr_mass(log, prev_step, end)
+                nxt = next((u for u in uses if u >= end), tau)
+                rest_mass = self._lr_mass(log, end, nxt)
+                e_window = change * rest_mass / seg_mass if seg_mass > 0 else float("inf")
+                window_log["segments"].append({"end": end, "norm": nd, "relative_change": change,
+                                               "estimated_carry_error": e_window, "rest_mass": rest_mass})
+                limit = self.max_window if self.max_window is not None else tau
+                if self.tol <= 0 or e_window <= self.tol or end - t >= limit:
+                    break
+                if self.max_window is not None and self._hopeless(log, window_log["segments"], t, end, limit, nxt,
+                                                                  tau):
+                    window_log["stopped"] = "the estimate would not reach tol within the budget"
+                    break
+                new_end = self._boundary(log, end + 1, tau)
+                rep.load_state(cf_theta, cf_opt)  # continue the counterfactual from theta'_end
+                end = new_end
+            window_log["end"] = end
+            stats.windows.append(window_log)
+            est += e_window
+            pos = end
+            while i < len(uses) and uses[i] < end:
+                i += 1
+        if pos < tau:
+            d, D, _ = self._carry(session, d, D, pos, tau)
+        theta, opt_state = rep.state_at(tau)
+        params = {n: (theta[n].double() + d[n]).to(theta[n].dtype) for n in theta}
+        new_state = _state_add(opt_state, D, betas) if D else opt_state
+        replayed = rep.steps_run - steps_before
+        info = {"propagation": "replay", "carry": self.carry, "K": self.K, "tol": self.tol,
+                "windows": stats.windows, "carries": stats.carries,
+                "counterfactual_steps": stats.counterfactual_steps,
+                "recorded_steps_replayed": replayed - stats.counterfactual_steps,
+                "estimated_error": est, "correction_norm": _norm(d), "seconds": time.perf_counter() - t0,
+                "steps_touched": uses}
+        carry_cost = sum(c.get("grad_equivalents", 0.0) for c in stats.carries)
+        info["grad_equivalents"] = float(replayed) + carry_cost
+        info["grad_equivalents_total"] = info["grad_equivalents"]
+        info["recovery_steps"] = replayed - stats.counterfactual_steps
+        return params, new_state, info
+
+    def _hopeless(self, log, segments: list[dict[str, Any]], start: int, end: int, limit: int, horizon: int,
+                  tau: int) -> bool:
+        """With a budget (``max_window``): stop early when the estimate could not reach ``tol``
+        before the budget is spent. The estimate at a later end ``E`` is the change per unit of
+        learning rate times the learning rate still to come after ``E`` (the schedule is known
+        from the log); the change per unit of learning rate is projected to keep falling at the
+        factor it fell by over the last segment (optimistic: it falls as the deviation settles)
+        -- if even that projection misses ``tol`` within the budget, the window stops."""
+        segs = [seg for seg in segments if seg.get("rest_mass")]
+        if len(segs) < 3:  # the first segment's change is measured from d = 0: no rate yet
+            return False
+        rate = segs[-1]["estimated_carry_error"] / segs[-1]["rest_mass"]
+        before = segs[-2]["estimated_carry_error"] / segs[-2]["rest_mass"]
+        q = min(1.0, rate / before) if before > 0 else 1.0
+        e = end
+        while e - start < limit and e < tau:
+            e = self._boundary(log, e + 1, tau)
+            rate *= q
+            if rate * self._lr_mass(log, e, horizon) <= self.tol:
+                return False
+        return True
+
+    # ----------------------------------------------------------- carries
+    def _carry(self, session, d: Params, D: OptState, a: int, b: int) -> tuple[Params, OptState, float]:
+        """Carry ``(d, D)`` from before step ``a`` to before step ``b``; returns the estimate add-on (0 here:
+        the window's estimate already covers the carry it precedes)."""
+        if self.carry == "linear":
+            return (*self._carry_linear(session, d, D, a, b), 0.0)
+        spec, log = session.spec, session.log
+        adam = spec.name.lower() == "adamw"
+        sgd_mom = spec.name.lower() == "sgd" and spec.momentum != 0
+        group = {n: gi for gi, g in enumerate(spec.groups) for n in g.names}
+        b1, b2 = spec.betas
+        d = {n: v.clone() for n, v in d.items()}
+        D = {n: {k: v.clone() for k, v in st.items()} for n, st in (D or {}).items()}
+        drain = self.carry == "momentum"
+        state0 = None
+        if drain and adam:
+            _, state0 = session.replayer.state_at(a)
+        for s in range(a, b):
+            rec = log.record(s)
+            k = s - a
+            for n in d:
+                g = group.get(n, 0)
+                eta, wd = float(rec.lrs[g]), float(spec.groups[g].weight_decay)
+                if adam:
+                    d[n].mul_(1 - eta * wd)
+                    if drain and n in D and "exp_avg" in D[n]:
+                        st = state0[n]
+                        step_count = float(st.get("step", torch.tensor(float(s)))) + 1 + k
+                        bc1, bc2 = 1 - b1 ** step_count, 1 - b2 ** step_count
+                        dm = D[n]["exp_avg"] * b1 ** (k + 1)
+                        v = st["exp_avg_sq"].double() * b2 ** (k + 1)
+                        d[n] -= eta * (dm / bc1) / (torch.sqrt(v / bc2) + spec.eps)
+                elif sgd_mom:
+                    d[n].mul_(1 - eta * wd)
+                    if drain and n in D and "momentum_buffer" in D[n]:
+                        d[n] -= eta * D[n]["momentum_buffer"] * spec.momentum ** (k + 1)
+                else:
+                    d[n].mul_(1 - eta * wd)
+        n_steps = b - a
+        for st in D.values():
+            for key, rate in (("exp_avg", b1), ("exp_avg_sq", b2), ("momentum_buffer", spec.momentum)):
+                if key in st:
+                    st[key] = st[key] * rate ** n_steps
+        self._carry_log.append({"from": a, "to": b, "carry": self.carry, "grad_equivalents": 0.0})
+        return d, D, 0.0
+
+    def _carry_linear(self, session, d: Params, D: OptState, a: int, b: int) -> tuple[Params, OptState]:
+        from .functional import FunctionalLM
+        from .hvp import make_hvp_backend
+        from .propagation import propagate
+
+        rep = session.replayer
+        steps = rep.iter_steps(a, b)
+        first = next(steps)
+        fl = FunctionalLM(session.template, first.params.keys(), router=session.router_aux)
+        diag = session.log.diag_provider() if self.carry_hessian_mode == "diag" else None
+        hvp = make_hvp_backend(self.carry_hessian_mode, fl, diag)
+
+        def chained():
+            yield first
+            yield from steps
+
+        init = {"d": {n: v.float() for n, v in d.items()}}
+        for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+            if any(key in st for st in D.values()):
+                init[{"exp_avg": "dm", "exp_avg_sq": "dv", "momentum_buffer": "db"}[key]] = {
+                    n: D[n][key].float() for n in D if key in D[n]}
+        with fl.curvature_mode():
+            res = propagate(chained(), session.spec, lambda st, p, g: {}, tau=b, K=b - a, fl=fl, hvp=hvp,
+                            damping=self.damping, initial=init)
+        delta = res.delta_params[0]
+        st = res.delta_opt_state[0]
+        newD = {n: {k: v.double() for k, v in s.items()} for n, s in st.items()}
+        cost = res.stats.grad_evals + res.stats.hvp_vectors * hvp.cost_in_grads
+        self._carry_log.append({"from": a, "to": b, "carry": "linear", "hessian_mode": self.carry_hessian_mode,
+                              "grad_equivalents": cost, "hvp_vectors": res.stats.hvp_vectors})
+        return {n: v.double() for n, v in delta.items()}, newD
