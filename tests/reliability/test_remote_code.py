@@ -111,3 +111,24 @@ def test_trust_flag_prints_a_warning(crafted_run, tmp_path, capsys, monkeypatch)
     assert rc == 2 and seen["trust"] is True and "warning: --trust-remote-code" in err
     rc, _, err = cli(capsys, "unlearn", f"unlearn.model_dir={run}", "unlearn.forget=3")
     assert rc == 2 and seen["trust"] is False and "warning" not in err
+
+
+def test_a_model_config_file_that_ships_code_is_refused(run_copy, tmp_path, capsys):
+    """``model.name_or_path=<config>.json`` builds fresh weights from the file: an ``auto_map`` in it
+    maps classes to code, refused like a model directory's (train, plan, and a received run)."""
+    marker = tmp_path / "PWNED"
+    config = write_evil_model(tmp_path / "evil_model", marker) / "config.json"
+    rc, out, err = cli(capsys, "train", f"model.name_or_path={config}", "training.max_steps=1",
+                       "training.progress_bar=false", f"training.output_dir={tmp_path / 'train'}")
+    assert_one_line_error(rc, out, err, "ships its own Python code", "--trust-remote-code")
+    rc, out, err = cli(capsys, "plan", "--model", config, "--samples", "10")
+    assert_one_line_error(rc, out, err, "ships its own Python code")
+
+    def craft(meta):
+        meta["config"]["model"].update(name_or_path=str(config), trust_remote_code=True)
+
+    edit_json(run_copy / "training_log" / "meta.json", craft)
+    rc, out, err = cli(capsys, "unlearn", "trainer=replay", f"unlearn.model_dir={run_copy}", f"unlearn.forget={FORGET}",
+                       f"unlearn.output_dir={tmp_path / 'out'}")
+    assert_one_line_error(rc, out, err, "ships its own Python code", "--trust-remote-code")
+    assert not marker.exists() and not (tmp_path / "out").exists() and not (tmp_path / "train").exists()

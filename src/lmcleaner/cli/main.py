@@ -1,4 +1,4 @@
-"""``lmcleaner`` command line: train, lr-find, unlearn, retrain, eval, inspect, demo.
+"""``lmcleaner`` command line: train, lr-find, unlearn, retrain, eval, inspect, demo, pretrain, plan.
 
 Config-driven commands take Hydra-style overrides after the command
 (``lmcleaner train training.max_steps=50 model=tiny-llama``) and an optional
@@ -16,12 +16,13 @@ import sys
 OVERRIDES_HELP = """\
 overrides (Hydra grammar, applied after --config):
   key=value            set a value, e.g. training.max_steps=200 training.optimizer=sgd
-  model=NAME|FILE      model preset from the package (tiny-llama, micro-llama) or a YAML file
+  model=NAME|FILE      model preset from the package (tiny-llama, micro-llama, tiny-mixtral) or a YAML file
   trainer=NAME|FILE    unlearning method (auto, the default; LMCleanerBatch, LMCleanerSample, replay,
                        rollback, sgd_formula, GradAscent, GradDiff, NPO, SimNPO; `lmcleaner unlearn
                        --help` lists their arguments) or a YAML file
 common keys:
-  model.name_or_path   "tiny-llama" (embedded, offline) or a HF id / local dir
+  model.name_or_path   "tiny-llama" (embedded, offline), a transformers config .json (fresh weights),
+                       or a HF id / local dir
   training.dataset_name  "embedded" or a json/jsonl/csv/parquet path or a hub dataset
   training.{max_steps,num_epochs,batch_size,gradient_accumulation_steps,learning_rate,
             optimizer,scheduler,warmup_steps,max_grad_norm,mixed_precision,output_dir,
@@ -40,6 +41,7 @@ PLUGINS = {
     "retrain": "lmcleaner.unlearn.cli_retrain",
     "demo": "lmcleaner.cli.demo",
     "pretrain": "lmcleaner.cli.pretrain",
+    "plan": "lmcleaner.plan.cli",
 }
 
 

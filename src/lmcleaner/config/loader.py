@@ -131,6 +131,7 @@ _CHOICES = {
     "training.distributed_strategy": ("ddp", "fsdp"),
     "training_logger.storage": ("light", "heavy", "diag"),
     "training_logger.mode": ("batch", "sample"),
+    "unlearn.export": ("merged", "adapter"),
 }
 
 

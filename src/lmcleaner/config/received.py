@@ -10,7 +10,8 @@ unlearning, a resume path, a pretraining cache directory. :func:`as_received` tu
 command line (``--trust-remote-code``) turns remote code back on.
 
 Remote code: a model directory whose ``config.json`` or
-``tokenizer_config.json`` carries an ``auto_map`` ships Python files that
+``tokenizer_config.json`` carries an ``auto_map`` (or a model config ``.json``
+given as ``model.name_or_path`` that does) ships Python files that
 ``transformers`` would import. :func:`guard_remote_code` refuses such a
 directory with one line, before ``transformers`` sees it, unless the current
 user asked for it (``model.trust_remote_code=true`` in their own training
@@ -41,14 +42,18 @@ REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json", "processor_config.j
 
 
 def remote_code_entry(name_or_path: str | Path | None) -> str | None:
-    """The file of a local model directory that maps a class to shipped code (``auto_map``), if any."""
+    """The file of a local model directory (or the model config ``.json`` file itself) that maps a
+    class to shipped code (``auto_map``), if any."""
     if not name_or_path:
         return None
     p = Path(name_or_path)
-    if not p.is_dir():
+    if p.is_file() and p.suffix == ".json":  # model.name_or_path=<config>.json: built from the config
+        files = [p]
+    elif p.is_dir():
+        files = [p / name for name in REMOTE_CODE_FILES]
+    else:
         return None  # a hub id: transformers itself refuses remote code unless trust_remote_code=True
-    for name in REMOTE_CODE_FILES:
-        f = p / name
+    for f in files:
         if not f.is_file():
             continue
         try:

@@ -17,8 +17,14 @@ class ModelConfig:
     """Which model to fine-tune.
 
     ``name_or_path``: ``"tiny-llama"`` builds the embedded default (a 2-layer
-    Llama from a ``transformers`` config, no download); anything else is passed
-    to ``AutoModelForCausalLM.from_pretrained`` (hub id or local directory).
+    Llama from a ``transformers`` config, no download), ``"tiny-mixtral"`` the
+    same shape as a Mixtral mixture of experts (``num_local_experts``,
+    ``num_experts_per_tok``); a ``*.json`` path is a ``transformers`` config
+    built with fresh seeded weights (tokenizer: the embedded one unless
+    ``tokenizer`` says otherwise; a config that ships code is refused unless
+    trusted, like a model directory); ``"base:<preset>"`` the project's
+    pretrained base (``train.pretrain``); anything else is passed to
+    ``AutoModelForCausalLM.from_pretrained`` (hub id or local directory).
     """
 
     name_or_path: str = "tiny-llama"
@@ -33,6 +39,8 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 256
+    num_local_experts: int = 4  # tiny-mixtral: experts per MoE layer
+    num_experts_per_tok: int = 2  # tiny-mixtral: router top-k
 
 
 @dataclass
@@ -185,13 +193,19 @@ class UnlearnTrainerConfig:
 
 @dataclass
 class UnlearnConfig:
-    """What to forget and where to write the result."""
+    """What to forget and where to write the result.
+
+    ``export``: ``merged`` writes a ``from_pretrained`` model directory (LoRA
+    merged into the base); ``adapter`` (LoRA runs only) writes the unlearned
+    LoRA adapter for ``peft.PeftModel.from_pretrained(base, dir)``.
+    """
 
     forget: Any = None  # list of ids, "17,203", a file of ids, or a dataset file matched to training rows
     model_dir: Optional[str] = None  # trained run dir (default: training.output_dir)
     output_dir: Optional[str] = None  # default: a fresh <run>/unlearned-<method>[-N] (retrain: <run>/retrain[-N])
     overwrite: bool = False  # replace an existing output_dir (its audit records are kept); never the source run
     max_error: Optional[float] = None  # trainer=auto: accepted estimated relative error (default: the method's 0.1)
+    export: str = "merged"  # merged | adapter (LoRA runs)
 
 
 @dataclass

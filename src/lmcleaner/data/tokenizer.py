@@ -68,10 +68,12 @@ def load_error(what: str, key: str, name: str, err: BaseException) -> ModelLoadE
 
 def load_tokenizer(name_or_path: str | None, model_name: str = "tiny-llama",
                    trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
-    """``embedded`` / ``None`` with the tiny model: the shipped tokenizer; else ``AutoTokenizer``
-    (a tokenizer that ships Python code is refused unless ``trust_remote_code``)."""
+    """``embedded`` / ``None`` with an embedded tiny model, a model config file or a ``base:<preset>``:
+    the shipped tokenizer; else ``AutoTokenizer`` (a tokenizer that ships Python code is refused
+    unless ``trust_remote_code``)."""
     name = name_or_path or model_name
-    if name in ("embedded", "tiny-llama") or name.startswith("base:"):  # base:<preset> is pretrained with it
+    if (name in ("embedded", "tiny-llama", "tiny-mixtral") or name.startswith("base:")  # base:<preset> is pretrained with it
+            or (name_or_path is None and name.endswith(".json"))):  # a config file: fresh weights, no tokenizer
         return embedded_tokenizer()
     from ..config.received import guard_remote_code
 

@@ -66,7 +66,7 @@ from transformers import Trainer, TrainerCallback
 from ..data import BatchPlan, Collator, TextDataset, load_records
 from ..data.formats import FormatError
 from ..train import checkpoint as ckpt
-from ..train.engine import Engine, _wants_router_logits, micro_batch_loss, step_seed
+from ..train.engine import Engine, micro_batch_loss, step_seed
 from ..train.export import export_model
 from ..train.optim import build_optimizer, build_scheduler, optimizer_spec
 from ..train.state import TrainState
@@ -346,8 +346,7 @@ class _Recording:
         export_model(unwrapped, t.processing_class, self.record_dir / BASE_MODEL_DIR, self.config.model.dtype)
         self.engine = Engine(t.accelerator, t.model_wrapped, t.optimizer, t.lr_scheduler, self.dataset,
                              self.collator, self.config.training, self.seed)
-        self.router = self.config.training if (self.config.training.router_aux_loss
-                                               and _wants_router_logits(unwrapped)) else None
+        self.router = self.engine.router_aux  # MoE with router losses: part of the step loss, as in the engine
         self.state = TrainState(total_steps=int(t.state.max_steps))
         self.spec = optimizer_spec(getattr(t.optimizer, "optimizer", t.optimizer), self.config.training)
         lcfg = self.config.training_logger
@@ -398,7 +397,7 @@ class _Recording:
         self._step["batches"].append({k: v.detach().cpu() for k, v in inputs.items()})
 
     def loss(self, model, inputs) -> torch.Tensor:
-        n_micro = len(self._step["micro_batches"])
+        n_micro = sum(1 for mb in self._step["kept"] if mb)  # M+, as ``engine.run_step`` counts it
         loss, nll = micro_batch_loss(model, inputs, self.trainer.accelerator.device, self._step["normaliser"], 1,
                                      n_micro, self.router)
         self._step["nll"] += nll.detach().double().cpu()

@@ -7,7 +7,9 @@ counterfactual run goes through exactly the code that trained the model:
   ids in ``excluded`` are dropped and the loss normaliser is recomputed over
   the remaining supervised tokens (DESIGN §3);
 - the step loss is ``sum NLL / N`` with one ``N`` for the whole step, so
-  accumulation and multi-process averaging are exact;
+  accumulation and multi-process averaging are exact; a mixture of experts
+  adds the mean over the step's non-empty micro-batches of their router
+  auxiliary loss (``router.py`` defines both and the counterfactual);
 - the dropout RNG is re-seeded from ``(seed, step, rank)`` so a step can be
   redone alone and removing a sample does not shift later steps' randomness;
 - the applied learning rates are read before ``optimizer.step()``.
@@ -24,7 +26,7 @@ from ..data.collate import Collator
 from ..trajectory.types import StepRecord
 from . import distributed
 from .loss import token_nll_sum
-from .router import compute_router_auxiliary_loss
+from .router import RouterAux, has_samples
 
 
 class StepObserver(Protocol):
@@ -90,6 +92,11 @@ class Engine:
         """Detached full copies of the trainable parameters (a collective under FSDP)."""
         return distributed.gather(self.trainable())
 
+    @property
+    def router_aux(self) -> RouterAux | None:
+        """The router term of the step loss (``None`` for dense models or when switched off)."""
+        return RouterAux.for_model(self.unwrapped, self.training)
+
     def applied_lrs(self) -> list[float]:
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
@@ -100,19 +107,18 @@ def _filter(micro_batches: list[list[int]], excluded: set[int]) -> list[list[int
     return [[i for i in mb if i not in excluded] for mb in micro_batches]
 
 
-def _wants_router_logits(model) -> bool:
-    cfg = getattr(model, "config", None)
-    return bool(cfg is not None and (getattr(cfg, "num_local_experts", 0) or getattr(cfg, "num_experts", 0)))
-
-
 def micro_batch_loss(model, batch: dict, device, normaliser: int, world_size: int, n_micro: int,
-                     router: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to backpropagate, NLL sum) of one micro-batch: ``NLL * world_size / N``.
+                     router: RouterAux | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, NLL sum) of one micro-batch: ``NLL * world_size / N`` (+ router term).
 
-    ``N`` is the whole step's supervised-token count. ``router``: the training
-    config when router auxiliary losses are added (MoE), else None. Shared
-    with :mod:`lmcleaner.integrations` so a recorded Hugging Face ``Trainer``
-    step computes exactly what a replayed step computes.
+    ``N`` is the whole step's supervised-token count and ``n_micro`` its
+    micro-batches holding a sample (``M+``, all ranks). ``router``: the run's
+    router term (``Engine.router_aux``; a mixture of experts trained with
+    router losses), else None; a micro-batch holding a sample then adds
+    ``A(B) * world_size / M+``, so the step's term is the mean of ``A`` over
+    its non-empty micro-batches (``router.py``). Shared with
+    :mod:`lmcleaner.integrations` so a recorded Hugging Face ``Trainer`` step
+    computes exactly what a replayed step computes.
     """
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
     if router is not None:
@@ -121,10 +127,9 @@ def micro_batch_loss(model, batch: dict, device, normaliser: int, world_size: in
     nll = token_nll_sum(out.logits, batch["labels"].to(device))
     # DDP averages over ranks; multiplying by the world size turns that into a sum.
     loss = nll * (world_size / normaliser) if normaliser > 0 else nll * 0.0
-    if router is not None and getattr(out, "router_logits", None) is not None:
-        aux = compute_router_auxiliary_loss(out.router_logits, router.load_balance_coef, router.auxiliary_coef,
-                                            router.z_loss_coef)["total"]
-        loss = loss + aux * (world_size / n_micro)
+    if router is not None and n_micro > 0 and has_samples(batch) and getattr(out, "router_logits", None) is not None:
+        # DDP averages over ranks: world_size / M+ per micro-batch makes the step's term sum_b A_b / M+
+        loss = loss + router.loss(out.router_logits, batch) * (world_size / n_micro)
     return loss, nll
 
 
@@ -143,7 +148,8 @@ def run_step(engine: Engine, step: int, epoch: int, micro_batches: list[list[int
 
     engine.model.train()
     engine.optimizer.zero_grad(set_to_none=True)
-    router = t.router_aux_loss and _wants_router_logits(engine.unwrapped)
+    router = engine.router_aux
+    n_micro = sum(1 for mb in kept if mb)  # M+: the router term is a mean over non-empty micro-batches
     batches, nll_total = [], torch.zeros((), dtype=torch.float64)
     for m, ids in enumerate(mine):
         batch = engine.collator([engine.dataset[i] for i in ids])
@@ -151,8 +157,7 @@ def run_step(engine: Engine, step: int, epoch: int, micro_batches: list[list[int
         is_last = m == len(mine) - 1
         ctx = acc.no_sync(engine.model) if (ws > 1 and not is_last) else _nullcontext()
         with ctx:
-            loss, nll = micro_batch_loss(engine.model, batch, acc.device, normaliser, ws, len(mine),
-                                         t if router else None)
+            loss, nll = micro_batch_loss(engine.model, batch, acc.device, normaliser, ws, n_micro, router)
             acc.backward(loss)
         nll_total += nll.detach().double().cpu()
 

@@ -26,8 +26,8 @@ def count_supervised(labels: torch.Tensor) -> int:
 
 
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token NLL over supervised positions, computed in float32."""
-    target = shift_labels(labels)
+    """Sum of next-token NLL over supervised positions, computed in float32 (on the logits' device)."""
+    target = shift_labels(labels.to(logits.device))
     return F.cross_entropy(
         logits.float().reshape(-1, logits.size(-1)),
         target.reshape(-1),

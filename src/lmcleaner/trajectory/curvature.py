@@ -8,7 +8,9 @@ at unlearning time. Two estimators, named for what they are:
   ``z_k`` (``diag_probes`` probes), ``H`` the Hessian of the *step loss*
   (token-mean NLL over all micro-batches, normaliser of the step) at the
   recorded ``theta_t``, one Hessian-vector product per probe by double
-  backward. Unbiased for the true Hessian diagonal; one probe is noisy.
+  backward (for a mixture of experts with router losses, the step loss
+  includes its router term, ``train.router``). Unbiased for the true Hessian
+  diagonal; one probe is noisy.
   Costs about 2-4 gradient evaluations per probe, on the training thread.
 - ``empirical_fisher``: ``g_t * g_t`` with ``g_t`` the step's unclipped
   gradient (already computed by the step, so almost free). This is the
@@ -27,15 +29,19 @@ import torch
 from torch.func import functional_call
 
 from ..train.loss import token_nll_sum
+from ..train.router import RouterAux, has_samples
 
 
 def hutchinson_diag(model: torch.nn.Module, params: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]],
                     normaliser: int, seed: int, probes: int = 1, device: torch.device | str = "cpu",
-                    loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
+                    loss_scale: float = 1.0, router: RouterAux | None = None,
+                    n_micro: int = 0) -> dict[str, torch.Tensor]:
     """Hutchinson estimate of the step-loss Hessian diagonal at ``params`` (float32).
 
     ``params``: trainable parameters ``theta_t`` by name (others are the
-    module's own); ``batches``: the step's collated (kept) micro-batches.
+    module's own); ``batches``: the step's collated (kept) micro-batches;
+    ``router``/``n_micro``: the run's router term and the step's number of
+    non-empty micro-batches ``M+`` (all ranks).
     """
     names = list(params)
     leaves = {n: params[n].detach().to(device).float().requires_grad_(True) for n in names}
@@ -49,10 +55,14 @@ def hutchinson_diag(model: torch.nn.Module, params: dict[str, torch.Tensor], bat
             call_params = {n: leaves[n].to(params[n].dtype) for n in names}
             loss = torch.zeros((), device=device)
             for b in batches:
-                out = functional_call(model, call_params, args=(), kwargs={
-                    "input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device),
-                    "use_cache": False})
+                kwargs = {"input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device),
+                          "use_cache": False}
+                if router is not None:
+                    kwargs["output_router_logits"] = True
+                out = functional_call(model, call_params, args=(), kwargs=kwargs)
                 loss = loss + token_nll_sum(out.logits, b["labels"].to(device))
+                if router is not None and n_micro > 0 and has_samples(b):
+                    loss = loss + (normaliser / n_micro) * router.loss(out.router_logits, b)
             loss = loss * (loss_scale / normaliser)
             grads = torch.autograd.grad(loss, [leaves[n] for n in names], create_graph=True, allow_unused=True)
             gen = torch.Generator().manual_seed(int(seed) % (2**63 - 1))

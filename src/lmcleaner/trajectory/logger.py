@@ -46,7 +46,7 @@ from .jsonl import TrajectoryLogError, encode_line, read_json, rewrite_lines, sc
 from .settings import RecorderSettings, resolve_settings
 from .shards import truncate_shard
 from .types import StepRecord
-from .writer import _STOP, EventItem, FlushItem, LogWriter, StepItem
+from .writer import _STOP, EventItem, FlushItem, LogWriter, StepItem, kept_micro_batches
 
 log = logging.getLogger("lmcleaner.trajectory")
 
@@ -271,7 +271,8 @@ class TrainingLogger(NullRecorder):
             item.diag = hutchinson_diag(engine.unwrapped, self._before, batches, record.normaliser,
                                         seed=step_seed(engine.seed, record.step, engine.rank),
                                         probes=s.diag_probes, device=engine.accelerator.device,
-                                        loss_scale=float(engine.world_size))
+                                        loss_scale=float(engine.world_size), router=engine.router_aux,
+                                        n_micro=sum(1 for mb in kept_micro_batches(record) if mb))
             self.stats.curvature_seconds += time.perf_counter() - c0
         elif s.diag_estimator == "empirical_fisher":
             item.grads = self._grads

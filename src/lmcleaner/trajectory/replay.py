@@ -240,7 +240,9 @@ class TrajectoryReplayer:
     def load_state(self, params: dict[str, torch.Tensor],
                    opt_state: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
         """Overwrite the engine's parameters (and optimizer state, by name) at its current
-        step; the scheduler stays. The engine is then off the recorded trajectory."""
+        step; the scheduler stays. The engine is then off the recorded trajectory. ``params``
+        and ``opt_state`` are full tensors (``_params``, ``_opt_state``): under FSDP each rank
+        keeps its part (``train.distributed.assign``)."""
         live = self.engine.trainable()
         for name, value in params.items():  # full values; this rank's part when sharded (FSDP)
             dist_utils.assign(live[name], value)

@@ -23,6 +23,8 @@ keys:
                           refused when it is the run, inside it, contains it, or exists
   unlearn.overwrite=true  replace an existing output_dir (its audit records are kept; never the run)
   unlearn.max_error       trainer=auto: the accepted estimated relative error
+  unlearn.export          merged (from_pretrained model, default) | adapter (LoRA runs: the unlearned
+                          adapter for peft.PeftModel.from_pretrained(base, dir))
   training.progress_bar=false
                           no progress display (a bar with ETA on a terminal, plain lines otherwise)
   trainer=METHOD          a registered method (below), or a YAML file with handler: and method_args:
@@ -102,6 +104,7 @@ def run(args) -> int:
     warn_trust("unlearn", args.trust_remote_code)
     session = UnlearnSession(run_dir, log_dir, trust_remote_code=args.trust_remote_code)
     session.progress = bool(cfg.training.progress_bar)  # this command's display (false: no progress lines)
+    session.check_export(cfg.unlearn.export)  # before any work
     out = Path(cfg.unlearn.output_dir) if cfg.unlearn.output_dir else session.default_output(method)
     # Refusals (output over the source, existing, read-only) happen now, before any computation;
     # under torchrun only the main rank reserves and writes (the others get None).
@@ -111,7 +114,7 @@ def run(args) -> int:
         result = session.run(method, ids, fallback_to_replay=bool(ma.get("fallback_to_replay", True)),
                              certify=ma.get("certify"), **margs)
         out = session.save(result, out, ma.get("audit_dir"), apply=bool(ma.get("apply_immediately", True)),
-                           reserved=target)
+                           reserved=target, export=cfg.unlearn.export)
     except BaseException:
         if target is not None:
             target.abort()

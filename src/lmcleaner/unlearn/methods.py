@@ -150,6 +150,9 @@ class _Method:
     method = "lmcleaner"
     level = "sample"
     rule = "optimizer"
+    #: the run's router term of the step loss (mixture of experts, ``train.router.RouterAux``);
+    #: injections, gradients and curvature then differentiate the whole training loss
+    router_aux = None
 
     def __init__(
         self,
@@ -194,7 +197,7 @@ class _Method:
         first = next(it, None)
         if first is None:
             raise ValueError("steps is empty; pass the replayed steps from the earliest affected step to tau-1")
-        fl = FunctionalLM(model, first.params.keys())
+        fl = FunctionalLM(model, first.params.keys(), router=self.router_aux)
         hvp = (make_hvp_backend(self.hessian_mode, fl, diag_provider, self.exact_impl, **self.hvp_options)
                if self.K > 0 else None)
         injector = sample_injector(fl, [forget]) if self.level == "sample" else batch_injector([forget])

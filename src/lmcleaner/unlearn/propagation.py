@@ -341,8 +341,10 @@ def propagate(
             c0 = cols.get(0, s - 1, min(s + K, tau - 1))
             for key, values in initial.items():
                 if key in cols.state:
-                    idx0 = torch.tensor([c0])
-                    cols.put(key, idx0, {n: v.to(cols.state[key][n].dtype).unsqueeze(0) for n, v in values.items()})
+                    like = cols.state[key]
+                    idx0 = torch.tensor([c0], device=next(iter(like.values())).device)  # on the tensors' device
+                    cols.put(key, idx0, {n: v.to(device=like[n].device, dtype=like[n].dtype).unsqueeze(0)
+                                         for n, v in values.items()})
             initial = None
         injections = injector(st, params, step_grad)
         inj_cols: dict[int, Params] = {}
@@ -358,7 +360,7 @@ def propagate(
             continue
         stats.steps_processed += 1
         check_normaliser(st.batches, st.record.normaliser, s)
-        idx = torch.tensor(active)
+        idx = torch.tensor(active, device=params[next(iter(params))].device)  # index on the tensors' device
         d = cols.take("d", idx)
 
         # curvature for columns that already carry a deviation
@@ -378,9 +380,9 @@ def propagate(
                 groups.setdefault(r if r in cf else None, []).append(i)
             for r, members in groups.items():
                 batches, normaliser = (st.batches, st.record.normaliser) if r is None else cf[r]
-                if normaliser <= 0:  # nothing of the step remains: its loss is 0
+                if hvp.loss_is_zero(batches, normaliser):  # nothing of the step remains: its loss is 0
                     continue
-                sub = torch.tensor(members)
+                sub = torch.tensor(members, device=idx.device)
                 out = hvp.hvp(params, batches, normaliser, {n: t.index_select(0, sub) for n, t in d.items()}, step=s)
                 for n in hd:
                     hd[n].index_copy_(0, sub, out[n])

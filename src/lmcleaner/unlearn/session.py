@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..train.export import write_model_files
+from ..train.export import is_adapter_model, write_adapter_files, write_model_files
 from ..train.outputs import AtomicDir, check_output, fresh_child, is_within, resolved, save_tensors
 from ..train.trainer import model_fingerprint
 from .audit import append_audit_record, new_request_id, read_audit_records, weights_fingerprint
@@ -105,6 +105,8 @@ class UnlearnSession:
             # checkpointing saves memory and does not change values.
             self.template.activation_checkpointing_disable()
             self.template.disable_input_require_grads()
+        # A mixture of experts trained with router losses: they are part of the step loss.
+        self.router_aux = self.trainer.engine.router_aux
 
     # ------------------------------------------------------------ past steps
     def iter_steps(self, start: int, end: int):
@@ -117,7 +119,7 @@ class UnlearnSession:
             from ..trajectory.reconstruct import BatchReconstructor
             from .functional import FunctionalLM
 
-            fl = FunctionalLM(self.template, list(self.trainer.engine.trainable()))
+            fl = FunctionalLM(self.template, list(self.trainer.engine.trainable()), router=self.router_aux)
             rec = BatchReconstructor(self.log, self.trainer.dataset, self.trainer.engine.collator)
             source = HeavySteps(self.log, rec, self.spec, grad_fn=fl.grad)
             return source(start, end), (lambda: float(source.grad_evals))
@@ -244,7 +246,9 @@ class UnlearnSession:
         rows = [i for i in range(len(self.trainer.dataset)) if i not in forget][:GUARD_ROWS]
         model = self.model_with(params).eval()
         batch = Collator(self.trainer.dataset.pad_token_id)([self.trainer.dataset[i] for i in rows])
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        dev = next(model.parameters()).device
+        out = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                    use_cache=False)
         n = int((batch["labels"][:, 1:] != -100).sum())
         return float(token_nll_sum(out.logits, batch["labels"])) / max(n, 1)
 
@@ -298,13 +302,23 @@ class UnlearnSession:
             return AtomicDir(out, outer.parent, prefix=f".{outer.name}--", replace=overwrite).reserve()
         return AtomicDir(out, replace=overwrite).reserve()
 
+    def check_export(self, export: str) -> None:
+        """``merged`` always works; ``adapter`` needs a LoRA run (one-line error otherwise)."""
+        if export not in ("merged", "adapter"):
+            raise UnlearnError(f"unknown unlearn.export={export!r}: choose merged or adapter")
+        if export == "adapter" and not is_adapter_model(self.template):
+            raise UnlearnError("unlearn.export=adapter needs a LoRA run (trained with lora.enabled=true); "
+                               "use unlearn.export=merged")
+
     def save(self, result: UnlearnResult, out_dir: str | Path, audit_dir: str | Path | None = None,
              request_id: str | None = None, apply: bool = True, overwrite: bool = False,
-             reserved: AtomicDir | None = None) -> Path:
+             reserved: AtomicDir | None = None, export: str = "merged") -> Path:
         """Write the unlearned model (or only the correction) with its audit record, atomically.
 
         ``out_dir`` follows :meth:`check_output`; ``reserved``: the directory
-        :meth:`reserve_output` already created for it. The audit record is
+        :meth:`reserve_output` already created for it. ``export="adapter"``
+        (LoRA runs) writes the unlearned adapter for
+        ``peft.PeftModel.from_pretrained(base, out_dir)`` instead of the merged model. The audit record is
         written inside the temporary directory before the rename (a kill never
         leaves a model without its audit); replacing an output keeps its earlier
         records. ``audit_dir`` additionally appends the record to a shared log.
@@ -312,6 +326,7 @@ class UnlearnSession:
         Under several processes every rank calls it (recovering ``theta_tau`` is
         collective) and only the main one writes; the others wait for it."""
         try:
+            self.check_export(export)
             theta = self.replayer.state_at(self.tau)[0]
             before = weights_fingerprint(theta)
             after = weights_fingerprint(result.params)
@@ -324,12 +339,14 @@ class UnlearnSession:
             raise
         out = reserved.final if reserved is not None else Path(out_dir)
         if self.is_main_process:
-            out = self._write(result, out_dir, audit_dir, request_id, apply, overwrite, reserved, theta, before, after)
+            out = self._write(result, out_dir, audit_dir, request_id, apply, overwrite, reserved, theta, before, after,
+                              export)
         self.trainer.accelerator.wait_for_everyone()
         return out
 
     def _write(self, result: UnlearnResult, out_dir: str | Path, audit_dir, request_id, apply: bool,
-               overwrite: bool, reserved: AtomicDir | None, theta, before: str, after: str) -> Path:
+               overwrite: bool, reserved: AtomicDir | None, theta, before: str, after: str,
+               export: str = "merged") -> Path:
         target = reserved
         try:
             if audit_dir is not None:
@@ -337,7 +354,10 @@ class UnlearnSession:
             target = target or self.reserve_output(out_dir, overwrite)
             out = target.final
             history = read_audit_records(out / "audit") if out.is_dir() else []
-            if apply:
+            if apply and export == "adapter":
+                write_adapter_files(self.model_with(result.params), self.trainer.tokenizer, target.tmp,
+                                    self.trainer.t.save_precision, base_model=self.trainer.config.model.name_or_path)
+            elif apply:
                 write_model_files(self.model_with(result.params), self.trainer.tokenizer, target.tmp,
                                   self.trainer.t.save_precision)
             else:
@@ -346,7 +366,8 @@ class UnlearnSession:
             record = {
                 "request_id": request_id or new_request_id(), "forget_ids": result.forget_ids, "tau": result.tau,
                 "source_run": str(self.run_dir), "training_log_dir": str(self.log_dir), "output_dir": str(out),
-                "applied": apply, "fingerprint_before": before, "fingerprint_after": after,
+                "applied": apply, "export": export if apply else None,
+                "fingerprint_before": before, "fingerprint_after": after,
                 "dataset_fingerprint": self.trainer.dataset.fingerprint, **_jsonable(result.info),
             }
             append_audit_record(target.tmp / "audit", record, previous=history)

@@ -302,7 +302,7 @@ class WindowedReplay:
         rep = session.replayer
         steps = rep.iter_steps(a, b)
         first = next(steps)
-        fl = FunctionalLM(session.template, first.params.keys())
+        fl = FunctionalLM(session.template, first.params.keys(), router=session.router_aux)
         diag = session.log.diag_provider() if self.carry_hessian_mode == "diag" else None
         hvp = make_hvp_backend(self.carry_hessian_mode, fl, diag)
 

@@ -181,6 +181,7 @@ class CorrectionMethod:
             algo = self.algorithm(cfg)
         except ValueError as err:
             raise UnlearnError(str(err)) from None
+        algo.router_aux = session.router_aux  # MoE: the router losses are part of the step loss
         forget = touched if level == "batch" else ids
         start = touched[0]
         end = min(session.tau, touched[-1] + self.reach(cfg) + 1)

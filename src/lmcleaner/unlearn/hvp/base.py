@@ -17,12 +17,15 @@ Backends register themselves by name (``@register_backend``), one file per
 backend in this package; ``make_hvp_backend(mode, fl, ...)`` builds one.
 
 Backends that evaluate the model implement ``_product_sum``: the
-*unnormalised* product summed over the micro-batches they are given. The base
-class gives each process its share of the step's micro-batches
-(``fl.dp.share``), all-reduces the partial sums (``fl.dp.sum``, see
-``unlearn.functional``) and divides by the normaliser once, after the
-reduction, so several ranks give one process's numbers up to float summation
-order. Backends that do not look at the batches (``diag``) override ``_hvp``.
+*unnormalised* product summed over the micro-batches they are given, of the
+micro-batch objectives ``l_b = S_b + w A(B_b)`` (``unlearn.functional``; the
+router term ``w A`` only for a mixture of experts trained with router
+losses). The base class computes the step's router weight ``w = N~/M+`` from
+*all* its micro-batches, gives each process its share of them
+(``fl.dp.share``), all-reduces the partial sums (``fl.dp.sum``) and divides by
+``N~ = max(N, 1)`` once, after the reduction, so several ranks give one
+process's numbers up to float summation order. Backends that do not look at
+the batches (``diag``) override ``_hvp``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 from torch.func import vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lmcleaner.unlearn.functional import Batch, FunctionalLM, Params
+from lmcleaner.unlearn.functional import Batch, FunctionalLM, Params, step_scale
 
 log = logging.getLogger("lmcleaner.unlearn.hvp")
 
@@ -85,7 +88,7 @@ class HVPBackend(ABC):
         k = next(iter(vectors.values())).shape[0]
         self.calls += 1
         self.vectors += k
-        if normaliser <= 0:  # nothing supervised: the step loss is identically 0
+        if self.loss_is_zero(batches, normaliser):
             return {n: torch.zeros_like(v) for n, v in vectors.items()}
         # the CPU flash SDPA kernel supports neither forward-mode AD nor double backward
         t0 = time.perf_counter()
@@ -93,8 +96,16 @@ class HVPBackend(ABC):
             out = self._hvp(params, batches, normaliser, vectors, step)
         dt = time.perf_counter() - t0
         self.seconds += dt
-        self.row_seconds += dt / max(1, sum(int(b["input_ids"].shape[0]) for b in batches))
+        fl = getattr(self, "fl", None)
+        local = fl.dp.share(batches) if fl is not None else batches  # the rows this process evaluated
+        self.row_seconds += dt / max(1, sum(int(b["input_ids"].shape[0]) for b in local))
         return out
+
+    def loss_is_zero(self, batches: list[Batch], normaliser: float) -> bool:
+        """The step loss is identically 0: nothing supervised, and no router term (dense model,
+        or no micro-batch holding a sample)."""
+        fl = getattr(self, "fl", None)
+        return normaliser <= 0 and (fl is None or fl.router_weight(batches, normaliser) == 0.0)
 
     def measured_grad_equivalents(self, seconds_per_grad_row: float | None) -> float | None:
         """All products so far in gradients *as measured in this process*: each call's
@@ -108,14 +119,17 @@ class HVPBackend(ABC):
         self, params: Params, batches: list[Batch], normaliser: float, vectors: Params, step: int | None
     ) -> Params:
         dp = self.fl.dp
+        w = self.fl.router_weight(batches, normaliser)  # the whole step's N~ / M+, before the split
         local = dp.share(batches)
-        total = self._product_sum(params, local, vectors) if local else None
+        total = self._product_sum(params, local, vectors, w) if local else None
         if total is None:  # a rank without a micro-batch still takes part in the reduction
             total = {n: torch.zeros_like(v) for n, v in vectors.items()}
-        return {n: t / normaliser for n, t in dp.sum(total).items()}
+        scale = step_scale(normaliser)
+        return {n: t / scale for n, t in dp.sum(total).items()}
 
-    def _product_sum(self, params: Params, batches: list[Batch], vectors: Params) -> Params:
-        """Sum over ``batches`` (non-empty) of the unnormalised products with ``vectors``."""
+    def _product_sum(self, params: Params, batches: list[Batch], vectors: Params, router_weight: float = 0.0) -> Params:
+        """Sum over ``batches`` (non-empty) of the unnormalised products with ``vectors`` (the
+        Hessian of ``sum_b S_b + router_weight * A(B_b)``)."""
         raise NotImplementedError(f"{type(self).__name__} implements neither _product_sum nor _hvp")
 
     def _batched(self, fn: Callable[[Params], Params], vectors: Params) -> Params:

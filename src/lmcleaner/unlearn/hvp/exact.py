@@ -16,8 +16,13 @@ directions) is the default exact implementation; batching k directions
 costs far less than k separate products. ``cost_in_grads`` holds the k = 1
 figures, used to report gradient-equivalents conservatively.
 
-Micro-batches are processed one at a time (``H = sum_b H_b / N``) so memory
-is that of one micro-batch, whatever the accumulation.
+Micro-batches are processed one at a time (``H = sum_b H_b / N~``, the sum
+over this rank's micro-batches in ``_product_sum``, all-reduced and divided
+in ``hvp.base``) so memory is that of one micro-batch, whatever the
+accumulation. ``H_b`` is the Hessian of the micro-batch objective ``l_b``
+(``FunctionalLM.micro_objective``): its NLL sum, plus for a mixture of experts
+its router auxiliary term ``w A(B_b)`` with the step's ``w``, so the
+curvature is that of the whole training loss.
 """
 
 from __future__ import annotations
@@ -64,27 +69,27 @@ class ExactHVP(HVPBackend):
     def build(cls, fl, *, diag_provider=None, exact_impl: str = "double_backward", **options):
         return cls(fl, exact_impl)
 
-    def _product_sum(self, params, batches, vectors):
+    def _product_sum(self, params, batches, vectors, router_weight=0.0):
         total: Params | None = None
         for b in batches:
             def g(p: Params, b: Batch = b) -> Params:
-                return grad(self.fl.nll_sum)(p, b)
+                return grad(self.fl.micro_objective)(p, b, router_weight)
 
             if self.impl == "rev_rev":
                 _, pullback = vjp(g, params)
                 part = self._batched(lambda v: pullback(v)[0], vectors)
             elif self.impl == "double_backward":
-                part = self._double_backward(params, b, vectors)
+                part = self._double_backward(params, b, vectors, router_weight)
             else:
                 part = self._batched(lambda v: jvp(g, (params,), (v,))[1], vectors)
             total = accumulate(total, part)
         return total
 
-    def _double_backward(self, params: Params, batch: Batch, vectors: Params) -> Params:
+    def _double_backward(self, params: Params, batch: Batch, vectors: Params, router_weight: float = 0.0) -> Params:
         names = list(params)
         leaves = [params[n].detach().requires_grad_() for n in names]
         with torch.enable_grad():
-            loss = self.fl.nll_sum(dict(zip(names, leaves)), batch)
+            loss = self.fl.micro_objective(dict(zip(names, leaves)), batch, router_weight)
             g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         pairs = [(gi, leaf, n) for gi, leaf, n in zip(g, leaves, names) if gi is not None and gi.requires_grad]
         out = {n: torch.zeros_like(vectors[n]) for n in names}
