@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "chosen samples (during or after training) with an audit record and a measured distance "
                     "to exact retraining.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run `lmcleaner demo` for the whole story on the embedded default (no network; about 140 s of CPU "
-               "time, 2-9 min of wall time on 2 cores depending on load).",
+        epilog="Run `lmcleaner demo` for the whole story on the embedded default (no network; about 190 s of CPU "
+               "time: ~3 min on an idle 2-core machine, longer on a busy one).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = _config_parser(sub, "train", "fine-tune a model while recording the trajectory",
