@@ -90,7 +90,7 @@ def _forget_ids(cfg, rows: list[dict]) -> list[int]:
 def run_demo(cfg) -> dict[str, Any]:
     from ..evaluate import EvalData, evaluate_models, format_table, write_report
     from ..evaluate.certification import certification_sweep
-    from ..evaluate.compare import compare_methods, default_grid, merge_eval, row_name_of, windowed_grid
+    from ..evaluate.compare import compare_methods, default_grid, merge_eval, row_name, windowed_grid
     from ..evaluate.report import certification_markdown, plot_certification
     from ..train import Trainer
     from ..train.export import export_model
@@ -175,9 +175,9 @@ def run_demo(cfg) -> dict[str, Any]:
         merge_eval(rows, summary)
     sections, certification = [], None
     # certify the windowed correction (exact windows: the approximation auto uses), else the full-window one
-    candidates = [row_name_of("LMCleanerSampleLevel", {"propagation": "replay", "K": int(k), "carry": "frozen"})
+    candidates = [row_name("LMCleanerSampleLevel", {"propagation": "replay", "K": int(k), "carry": "frozen"})
                   for k in d.Ks[:1]]
-    candidates.append(row_name_of("LMCleanerSampleLevel", {"hessian_mode": d.hessian_modes[0], "K": session.tau}))
+    candidates.append(row_name("LMCleanerSampleLevel", {"hessian_mode": d.hessian_modes[0], "K": session.tau}))
     chosen = next((name for name in candidates if name in unlearned), None)
     if data is not None and d.certify_epsilons and chosen is not None:
         t0 = time.perf_counter()

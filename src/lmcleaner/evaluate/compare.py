@@ -59,7 +59,12 @@ def row_name(method: str, kw: dict[str, Any]) -> str:
     parts = [short] + [str(kw[k]) if k == "hessian_mode" else f"K{kw[k]}" for k in ("hessian_mode", "K") if k in kw]
     if "lr" in kw:  # fine-tuning baselines: "x" marks a multiple of the run's learning rate
         parts.append(f"lr{'x' if kw.get('lr_relative') else ''}{kw['lr']:g}")
-    return "-".join(parts)
+    name = "-".join(parts)
+    if kw.get("propagation") == "replay":  # exact windows: the carry and the adaptive tolerance
+        name = name.replace("LMC-sample", "LMC-window") + f"-{kw.get('carry', 'frozen')}"
+        if kw.get("tol"):
+            name += f"-tol{kw['tol']}"
+    return name
 
 
 def relative_error(params: dict[str, torch.Tensor], theta: dict[str, torch.Tensor],
@@ -88,20 +93,8 @@ def _mia_auc(model, forget_items: Sequence[dict], holdout_items: Sequence[dict],
     f, h = score_items(model, forget_items, pad_id), score_items(model, holdout_items, pad_id)
     aucs = [auc([-x.loss for x in f], [-x.loss for x in h]),
             auc([min_k_score(x.logprobs) for x in f], [min_k_score(x.logprobs) for x in h])]
-    aucs = [a for a in aucs if a == a]
+    aucs = [a for a in aucs if not math.isnan(a)]
     return max(aucs, key=lambda a: abs(a - 0.5)) if aucs else None
-
-
-def row_name_of(method: str, kw: dict[str, Any]) -> str:
-    """``row_name`` plus the arguments that distinguish windowed / adaptive variants."""
-    name = row_name(method, kw)
-    if kw.get("propagation") == "replay":
-        name = name.replace("LMC-sample", "LMC-window") + f"-{kw.get('carry', 'frozen')}"
-        if kw.get("tol"):
-            name += f"-tol{kw['tol']}"
-    elif kw.get("carry_hessian_mode"):
-        name += f"-{kw['carry_hessian_mode']}"
-    return name
 
 
 def compare_methods(session, ids: list[int], grid: Grid, oracle: dict[str, torch.Tensor],
@@ -144,7 +137,7 @@ def compare_methods(session, ids: list[int], grid: Grid, oracle: dict[str, torch
     session.progress, session.progress_leave = progress, False  # per-method bars are transient: this one stays
     for method, kw in progress_bar(list(grid), desc="unlearning methods", enabled=progress, unit="method"):
         res = session.run(method, ids, **kw)
-        name = row_name_of(method, kw)
+        name = row_name(method, kw)
         model = session.model_with(res.params)
         cost = float(res.info.get("grad_equivalents_total") or 0.0)
         if method == "replay":

@@ -61,7 +61,8 @@ class HeavySteps:
         self.grad_evals += 1
         return self.grad_fn(params, batches, normaliser)
 
-    def _advance_state(self, state: dict[str, dict[str, Any]], g: dict[str, torch.Tensor], step: int) -> None:
+    def _advance_state(self, state: dict[str, dict[str, Any]], g: dict[str, torch.Tensor],
+                       theta: dict[str, torch.Tensor]) -> None:
         """The optimizer's own state recursion for one step, on the (clipped) gradient."""
         c = self.spec.max_grad_norm
         if c is not None and c > 0:
@@ -81,7 +82,7 @@ class HeavySteps:
                 wd = next(gr.weight_decay for gr in self.spec.groups if name in gr.names)
                 d_p = gn  # coupled weight decay enters the momentum buffer with the gradient
                 if wd:
-                    d_p = gn + wd * self._theta[name].float()
+                    d_p = gn + wd * theta[name].float()
                 buf = st.get("momentum_buffer")
                 st["momentum_buffer"] = d_p.clone() if buf is None else (
                     self.spec.momentum * buf + (1 - self.spec.dampening) * d_p)
@@ -106,7 +107,6 @@ class HeavySteps:
                     state[name]["step"] = torch.tensor(float(d["step"]))
         for t in range(point.step, end):
             rec = self.log.record(t)
-            self._theta = theta
             if t >= start:
                 batches = self._batches(t)
                 grad = None
@@ -118,7 +118,7 @@ class HeavySteps:
             elif self.needs_state:
                 grad = self._grad(theta, self._batches(t), rec.normaliser)
             if self.needs_state:
-                self._advance_state(state, grad, t)
+                self._advance_state(state, grad, theta)
             theta = self._next(theta, t)
 
     def _next(self, theta: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:

@@ -392,6 +392,21 @@ class TrajectoryLog:
         except ValueError as err:
             raise TrajectoryLogError(str(err)) from None
 
+    def lr_mass(self, a: int, b: int) -> float:
+        """``sum eta_s`` over the recorded steps ``a .. b-1`` (first parameter group's applied
+        rate): how far training moved in between. Prefix sums, built once."""
+        if getattr(self, "_lr_prefix", None) is None:
+            prefix, total = {}, 0.0
+            for rec in self._records:
+                prefix[rec.step] = total
+                total += float(rec.lrs[0])
+            self._lr_prefix, self._lr_total = prefix, total
+
+        def at(step: int) -> float:
+            return self._lr_prefix.get(step, self._lr_total)
+
+        return at(b) - at(a) if b > a else 0.0
+
     def record(self, step: int) -> StepRecord:
         try:
             return self._by_step[step]

@@ -266,6 +266,22 @@ class TrajectoryReplayer:
         self._origin = None
         return out
 
+    def counterfactual_stops(self, extra_excluded: Iterable[int], stops: Iterable[int]
+                             ) -> Iterator[tuple[int, tuple[dict, dict], tuple[dict, dict]]]:
+        """Continue a counterfactual from the state the engine holds and yield, at each of the
+        increasing ``stops`` (restore points, so the recorded state there is read, not
+        replayed): ``(stop, (theta', opt'), (theta, opt))``, counterfactual then recorded.
+        The caller positions the engine first (``seek`` and, to carry a deviation,
+        ``load_state``); stop iterating to end the walk."""
+        extra = frozenset(int(i) for i in extra_excluded)
+        for p in stops:
+            while self._pos < p:
+                self.step_without(self._pos, extra)
+            cf = (self._params(), self._opt_state())
+            recorded = self.state_at(p)
+            yield p, cf, recorded
+            self.load_state(*cf)  # continue the counterfactual from theta'_p
+
     def counterfactual(self, extra_excluded: Iterable[int], start: int | None = None,
                        end: int | None = None) -> CounterfactualResult:
         """Replay ``start..end-1`` with ``extra_excluded`` removed from every batch.

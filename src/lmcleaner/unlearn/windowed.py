@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -67,19 +66,11 @@ CARRIES = ("frozen", "momentum", "linear")
 OptState = dict[str, dict[str, torch.Tensor]]
 
 
-@dataclass
-class WindowStats:
-    windows: list[dict[str, Any]] = field(default_factory=list)
-    carries: list[dict[str, Any]] = field(default_factory=list)
-    counterfactual_steps: int = 0
-    estimated_error: float = 0.0
-
-
-def _sub(a: Params, b: Params) -> Params:
+def sub_params(a: Params, b: Params) -> Params:
     return {n: a[n].double() - b[n].double() for n in a}
 
 
-def _norm(x: Params) -> float:
+def norm_params(x: Params) -> float:
     return math.sqrt(sum(float((v.double() ** 2).sum()) for v in x.values()))
 
 
@@ -105,11 +96,6 @@ def _state_add(base: OptState, delta: OptState, betas: tuple[float, float] | Non
     return out
 
 
-def lr_mass(log, a: int, b: int) -> float:
-    """``sum eta_s`` over steps ``a .. b-1`` (first parameter group): how far training moved."""
-    return sum(float(log.record(s).lrs[0]) for s in range(a, b))
-
-
 def window_boundary(log, at_least: int, tau: int) -> int:
     """The first restore point ``>= at_least`` whose state is on disk as it is (else ``tau``):
     a window ending there reads the recorded ``theta`` instead of replaying it."""
@@ -133,98 +119,81 @@ class WindowedReplay:
         self.K, self.tol, self.carry, self.carry_hessian_mode = K, tol, carry, carry_hessian_mode
         self.damping, self.max_window = damping, max_window
 
-    # ----------------------------------------------------------- helpers
-    def _boundary(self, log, at_least: int, tau: int) -> int:
-        return window_boundary(log, at_least, tau)
-
-    def _lr_mass(self, log, a: int, b: int) -> float:
-        return lr_mass(log, a, b)
-
     # ------------------------------------------------------------- run
     def compute(self, session, ids: list[int]) -> tuple[Params, OptState | None, dict[str, Any]]:
         t0 = time.perf_counter()
         rep, log, tau, spec = session.replayer, session.log, session.tau, session.spec
-        forget = frozenset(int(i) for i in ids)
         uses = session.steps_for(ids)
         steps_before = rep.steps_run
-        stats = WindowStats()
-        self._carry_log = stats.carries
+        windows: list[dict[str, Any]] = []
+        self._carry_log: list[dict[str, Any]] = []
         d: Params | None = None
         D: OptState | None = None
-        pos = uses[0]
-        i = 0
-        est = 0.0
+        pos, i, est = uses[0], 0, 0.0
         betas = tuple(spec.betas) if spec.name.lower() == "adamw" else None
         while i < len(uses):
             t = uses[i]
             if d is not None and pos < t:
-                d, D, e = self._carry(session, d, D, pos, t)
-                est += e
+                d, D = self._carry(session, d, D, pos, t)
             rep.seek(t)
-            if d is not None:
+            if d is not None:  # the counterfactual so far: the recorded state plus the carried deviation
                 theta_t, opt_t = rep.state_at(t)
                 rep.load_state({n: (theta_t[n].double() + d[n]).to(theta_t[n].dtype) for n in theta_t},
                                _state_add(opt_t, D, betas) if D else None)
-            # the window: from t to a restore point at or after t + K (covering later uses inside it)
-            end = self._boundary(log, t + self.K, tau)
-            s = t
-            history: list[tuple[int, Params | None]] = [(t, d)]
-            window_log: dict[str, Any] = {"start": t, "segments": []}
-            while True:
-                while s < end:  # later uses inside the window are covered: Z is excluded at every step
-                    rep.step_without(s, forget)
-                    s += 1
-                    stats.counterfactual_steps += 1
-                cf_theta, cf_opt = rep._params(), rep._opt_state()
-                theta_w, opt_w = rep.state_at(end)
-                d, D = _sub(cf_theta, theta_w), _state_sub(cf_opt, opt_w)
-                prev_step, prev_d = history[-1]
-                history.append((end, d))
+            window, prev, e_window = {"start": t, "segments": []}, d, 0.0
+            limit = self.max_window if self.max_window is not None else tau
+            # the window runs to a restore point at or after t + K (later uses inside it are covered:
+            # Z is excluded at every step), then grows restore point by restore point while it must
+            for end, (cf_theta, cf_opt), (theta_w, opt_w) in rep.counterfactual_stops(ids, self._ends(log, t, tau)):
+                d, D = sub_params(cf_theta, theta_w), _state_sub(cf_opt, opt_w)
+                window["end"] = end
+                nd = norm_params(d)
                 if end >= tau:
                     e_window = 0.0
-                    window_log["segments"].append({"end": end, "norm": _norm(d)})
+                    window["segments"].append({"end": end, "norm": nd})
                     break
-                nd = _norm(d)
-                change = _norm(_sub(d, prev_d)) / nd if (nd > 0 and prev_d is not None) else 1.0
-                seg_mass = self._lr_mass(log, prev_step, end)
                 nxt = next((u for u in uses if u >= end), tau)
-                rest_mass = self._lr_mass(log, end, nxt)
+                change = norm_params(sub_params(d, prev)) / nd if (nd > 0 and prev is not None) else 1.0
+                seg_start = window["segments"][-1]["end"] if window["segments"] else t
+                seg_mass, rest_mass = log.lr_mass(seg_start, end), log.lr_mass(end, nxt)
                 e_window = change * rest_mass / seg_mass if seg_mass > 0 else float("inf")
-                window_log["segments"].append({"end": end, "norm": nd, "relative_change": change,
-                                               "estimated_carry_error": e_window, "rest_mass": rest_mass})
-                limit = self.max_window if self.max_window is not None else tau
+                window["segments"].append({"end": end, "norm": nd, "relative_change": change,
+                                           "estimated_carry_error": e_window, "rest_mass": rest_mass})
+                prev = d
                 if self.tol <= 0 or e_window <= self.tol or end - t >= limit:
                     break
-                if self.max_window is not None and self._hopeless(log, window_log["segments"], t, end, limit, nxt,
-                                                                  tau):
-                    window_log["stopped"] = "the estimate would not reach tol within the budget"
+                if self.max_window is not None and self._hopeless(log, window["segments"], t, end, limit, nxt, tau):
+                    window["stopped"] = "the estimate would not reach tol within the budget"
                     break
-                new_end = self._boundary(log, end + 1, tau)
-                rep.load_state(cf_theta, cf_opt)  # continue the counterfactual from theta'_end
-                end = new_end
-            window_log["end"] = end
-            stats.windows.append(window_log)
+            windows.append(window)
             est += e_window
-            pos = end
-            while i < len(uses) and uses[i] < end:
+            pos = window["end"]
+            while i < len(uses) and uses[i] < pos:
                 i += 1
         if pos < tau:
-            d, D, _ = self._carry(session, d, D, pos, tau)
+            d, D = self._carry(session, d, D, pos, tau)
         theta, opt_state = rep.state_at(tau)
         params = {n: (theta[n].double() + d[n]).to(theta[n].dtype) for n in theta}
         new_state = _state_add(opt_state, D, betas) if D else opt_state
         replayed = rep.steps_run - steps_before
+        counterfactual = sum(w["end"] - w["start"] for w in windows)
+        carry_cost = sum(c.get("grad_equivalents", 0.0) for c in self._carry_log)
         info = {"propagation": "replay", "carry": self.carry, "K": self.K, "tol": self.tol,
-                "windows": stats.windows, "carries": stats.carries,
-                "counterfactual_steps": stats.counterfactual_steps,
-                "recorded_steps_replayed": replayed - stats.counterfactual_steps,
-                "estimated_error": est, "correction_norm": _norm(d), "seconds": time.perf_counter() - t0,
-                "steps_touched": uses}
-        carry_cost = sum(c.get("grad_equivalents", 0.0) for c in stats.carries)
-        info["grad_equivalents"] = float(replayed) + carry_cost
-        info["grad_equivalents_total"] = info["grad_equivalents"]
-        info["recovery_steps"] = replayed - stats.counterfactual_steps
+                "windows": windows, "carries": self._carry_log, "counterfactual_steps": counterfactual,
+                "recorded_steps_replayed": replayed - counterfactual, "recovery_steps": replayed - counterfactual,
+                "estimated_error": est, "correction_norm": norm_params(d), "seconds": time.perf_counter() - t0,
+                "steps_touched": uses, "grad_equivalents": float(replayed) + carry_cost,
+                "grad_equivalents_total": float(replayed) + carry_cost}
         return params, new_state, info
+
+    def _ends(self, log, t: int, tau: int):
+        """Window ends: the first restore point at or after ``t + K``, then every later one."""
+        end = window_boundary(log, t + self.K, tau)
+        while True:
+            yield end
+            if end >= tau:
+                return
+            end = window_boundary(log, end + 1, tau)
 
     def _hopeless(self, log, segments: list[dict[str, Any]], start: int, end: int, limit: int, horizon: int,
                   tau: int) -> bool:
@@ -242,18 +211,18 @@ class WindowedReplay:
         q = min(1.0, rate / before) if before > 0 else 1.0
         e = end
         while e - start < limit and e < tau:
-            e = self._boundary(log, e + 1, tau)
+            e = window_boundary(log, e + 1, tau)
             rate *= q
-            if rate * self._lr_mass(log, e, horizon) <= self.tol:
+            if rate * log.lr_mass(e, horizon) <= self.tol:
                 return False
         return True
 
     # ----------------------------------------------------------- carries
-    def _carry(self, session, d: Params, D: OptState, a: int, b: int) -> tuple[Params, OptState, float]:
-        """Carry ``(d, D)`` from before step ``a`` to before step ``b``; returns the estimate add-on (0 here:
-        the window's estimate already covers the carry it precedes)."""
+    def _carry(self, session, d: Params, D: OptState, a: int, b: int) -> tuple[Params, OptState]:
+        """Carry ``(d, D)`` from before step ``a`` to before step ``b`` (the estimate of the window
+        that precedes a carry covers it)."""
         if self.carry == "linear":
-            return (*self._carry_linear(session, d, D, a, b), 0.0)
+            return self._carry_linear(session, d, D, a, b)
         spec, log = session.spec, session.log
         adam = spec.name.lower() == "adamw"
         sgd_mom = spec.name.lower() == "sgd" and spec.momentum != 0
@@ -292,7 +261,7 @@ class WindowedReplay:
                 if key in st:
                     st[key] = st[key] * rate ** n_steps
         self._carry_log.append({"from": a, "to": b, "carry": self.carry, "grad_equivalents": 0.0})
-        return d, D, 0.0
+        return d, D
 
     def _carry_linear(self, session, d: Params, D: OptState, a: int, b: int) -> tuple[Params, OptState]:
         from .functional import FunctionalLM

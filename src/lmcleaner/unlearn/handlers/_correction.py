@@ -117,31 +117,26 @@ class CorrectionMethod:
           unit of learning rate, times the learning rate still to come, estimates it (the same
           rule as the windowed method's, ``unlearn.windowed``).
         A value near or above 1 means the correction is no better than doing nothing."""
-        from ..windowed import lr_mass
+        from ..windowed import norm_params, sub_params
 
         out: dict[str, Any] = {"probe_steps": 0, "estimate_parts": {}}
         parts = out["estimate_parts"]
         probes = [p for p in probes if p in corr.probe]
+        log = session.log
         if probes:  # one exact counterfactual replay, compared with the prediction at each restore point
-            rep, forget, t0 = session.replayer, frozenset(ids), touched[0]
+            rep, t0 = session.replayer, touched[0]
             before = rep.steps_run
             rep.seek(t0)
             errors = []
-            for p in probes:
-                while rep.position < p:
-                    rep.step_without(rep.position, forget)
-                cf, cf_opt = rep._params(), rep._opt_state()
-                theta_p, _ = rep.state_at(p)  # a restore point: read, not replayed
-                exact = {n: cf[n].double() - theta_p[n].double() for n in theta_p}
-                num = sum(float(((corr.probe[p][n].double() - exact[n]) ** 2).sum()) for n in exact) ** 0.5
-                den = sum(float((exact[n] ** 2).sum()) for n in exact) ** 0.5
-                errors.append((p, num / den if den > 0 else 0.0))
-                rep.load_state(cf, cf_opt)  # continue the counterfactual
+            for p, (cf, _), (theta_p, _) in rep.counterfactual_stops(ids, probes):
+                exact = sub_params(cf, theta_p)
+                den = norm_params(exact)
+                errors.append((p, norm_params(sub_params(corr.probe[p], exact)) / den if den > 0 else 0.0))
             out["probe_steps"] = rep.steps_run - before
             last, e = errors[-1]
             # linearisation error grows as training moves: extrapolate by the learning rate still to come
-            seen = lr_mass(session.log, t0, last)
-            parts["linearisation"] = e * lr_mass(session.log, t0, session.tau) / seen if seen > 0 else e
+            seen = log.lr_mass(t0, last)
+            parts["linearisation"] = e * log.lr_mass(t0, session.tau) / seen if seen > 0 else e
             parts["linearisation_probes"] = [[p, err] for p, err in errors]
         if trunc is None:
             parts["truncation"] = 0.0
@@ -149,10 +144,9 @@ class CorrectionMethod:
             a, b = trunc
             db = corr.probe[b]
             da = corr.probe.get(a) or {n: v.new_zeros(v.shape) for n, v in db.items()}  # before the first use: 0
-            nb = sum(float((v.double() ** 2).sum()) for v in db.values()) ** 0.5
-            change = (sum(float(((db[n].double() - da[n].double()) ** 2).sum()) for n in db) ** 0.5 / nb
-                      if nb > 0 else 1.0)
-            seg, rest = lr_mass(session.log, a, b), lr_mass(session.log, b, session.tau)
+            nb = norm_params(db)
+            change = norm_params(sub_params(db, da)) / nb if nb > 0 else 1.0
+            seg, rest = log.lr_mass(a, b), log.lr_mass(b, session.tau)
             parts["truncation"] = change * rest / seg if seg > 0 else float("inf")
         if "linearisation" in parts and "truncation" in parts:
             out["estimated_error"] = parts["linearisation"] + parts["truncation"]
