@@ -97,12 +97,14 @@ def grid_for(args, tau: int) -> list[tuple[str, dict]]:
             for carry in args.carries.split(","):
                 grid.append(("LMCleanerSampleLevel", {"propagation": "replay", "K": K, "carry": carry}))
         for tol in [float(t) for t in args.tols.split(",") if t]:
-            grid.append(("LMCleanerSampleLevel", {"propagation": "replay", "K": Ks[0], "carry": "frozen",
-                                                  "tol": tol}))
+            for carry in args.tol_carries.split(","):
+                grid.append(("LMCleanerSampleLevel", {"propagation": "replay", "K": Ks[0], "carry": carry,
+                                                      "tol": tol}))
     if "baselines" in args.families:
         grid += [("rollback", {}), *baseline_grid()]
     if "auto" in args.families:
         grid.append(("auto", {}))
+        grid += [("auto", {"carry": c}) for c in args.auto_carries.split(",") if c]
     return grid
 
 
@@ -113,8 +115,8 @@ def plot(out: dict, path: Path) -> None:
                        f"optimizer={out['optimizer']} clip={out['clip']} seed={out['seed']} steps={out['steps']}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_regime_args(ap: argparse.ArgumentParser) -> None:
+    """The run and request settings of a regime (shared with ``benchmarks/anatomy.py``)."""
     ap.add_argument("--regime", choices=["old", "recent", "recurring"], default="old")
     ap.add_argument("--init", choices=["pretrained", "scratch"], default="pretrained")
     ap.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
@@ -127,17 +129,30 @@ def main() -> None:
     ap.add_argument("--C", type=int, default=20, help="checkpoint interval of the recorder")
     ap.add_argument("--lr", type=float, default=None, help="default: by init and optimizer (see LRS)")
     ap.add_argument("--model", default="tiny-llama", help="model preset")
-    ap.add_argument("--Ks", default="10,40", help="window / truncation lengths")
-    ap.add_argument("--carries", default="frozen,momentum", help="carries of the windowed method")
-    ap.add_argument("--tols", default="0.1", help="adaptive windows: tolerances")
-    ap.add_argument("--families", default="linear,window,baselines,auto",
-                    help="comma list of: linear (HVP propagation), window (exact windows + carry), baselines, auto")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny models: 1 is fastest)")
-    ap.add_argument("--json", default="bench_out/fidelity.json")
-    ap.add_argument("overrides", nargs="*")
+
+
+def parse_regime_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse (trailing config overrides allowed) and set the process up as the settings say."""
+    ap.add_argument("overrides", nargs="*", help="config overrides of the trained run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return args
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_regime_args(ap)
+    ap.add_argument("--Ks", default="10,40", help="window / truncation lengths")
+    ap.add_argument("--carries", default="frozen,momentum", help="carries of the windowed method")
+    ap.add_argument("--tols", default="0.1", help="adaptive windows: tolerances")
+    ap.add_argument("--auto-carries", default="", help="extra auto rows with these carries (comma list)")
+    ap.add_argument("--tol-carries", default="frozen", help="carries of the adaptive windows")
+    ap.add_argument("--families", default="linear,window,baselines,auto",
+                    help="comma list of: linear (HVP propagation), window (exact windows + carry), baselines, auto")
+    ap.add_argument("--json", default="bench_out/fidelity.json")
+    args = parse_regime_args(ap)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         overrides, rows, epochs = regime_config(args, run_dir)

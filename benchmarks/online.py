@@ -8,6 +8,17 @@ excluded, its checkpoints give ``theta_re`` right after the request and at the
 end). Reported per method: relative parameter error right after the
 correction and at the end, and the norm of the final parameters.
 
+Online, a correction flagged by its own estimate (``>= 1``) or by the divergence
+guard falls back to exact replay before it reaches the live model
+(``fell_back_to_replay``). ``LMCleanerSampleLevel`` online replays the last steps before the request
+exactly from its corrected state (``tail``, automatic online: the momentum
+horizon, at most the steps since the last use); ``tail=0`` is the plain linear
+propagation. Control rows split the plain propagation's residual (``SPLITS``): ``exact params
++ LMC state`` loads replay's parameters with LMCleaner's optimizer state, ``LMC
+params + exact state`` the reverse, and further rows take AdamW's ``m`` or ``v``
+alone from replay, or leave the state uncorrected. Which of them grows under
+continued training says which part of a correction carries the growth.
+
     python benchmarks/online.py --optimizer adamw --lr 1e-3 --json bench_out/online_adamw.json
 """
 
@@ -27,8 +38,38 @@ from lmcleaner.train import Trainer
 from lmcleaner.train.checkpoint import load_params
 from lmcleaner.unlearn.online import OnlineUnlearner
 
-METHODS = [("replay", {}), ("LMCleanerSampleLevel", {}), ("LMCleanerSampleLevel", {"K": 10}),
+METHODS = [("replay", {}), ("LMCleanerSampleLevel", {}), ("LMCleanerSampleLevel", {"tail": 0}),
+           ("LMCleanerSampleLevel", {"K": 10}),
            ("LMCleanerSampleLevel", {"propagation": "replay", "K": 10, "carry": "momentum"}), ("rollback", {})]
+# Controls that split an approximate correction's residual. Each takes the parameters and each
+# optimizer-state tensor (AdamW m = exp_avg, v = exp_avg_sq; SGD momentum_buffer) from one source:
+# "exact" (replay), "lmc" (LMCleaner's full-window correction) or "recorded" (the state of the
+# run that saw the samples, uncorrected)
+SPLITS = [("exact params + LMC state", {"params": "exact", "state": "lmc"}),
+          ("LMC params + exact state", {"params": "lmc", "state": "exact"}),
+          ("LMC params + recorded state", {"params": "lmc", "state": "recorded"}),
+          ("LMC params + exact m + LMC v", {"params": "lmc", "state": "lmc", "exp_avg": "exact"}),
+          ("LMC params + LMC m + exact v", {"params": "lmc", "state": "lmc", "exp_avg_sq": "exact"})]
+
+
+class SplitCorrection(OnlineUnlearner):
+    """Loads a correction assembled from parts of exact replay's result, LMCleaner's full-window
+    correction and the uncorrected state: which part of the residual does continued training grow?"""
+
+    def __init__(self, sources: dict[str, str]) -> None:
+        super().__init__("replay")
+        self.sources = sources
+
+    def compute(self, session, ids):
+        exact = session.run("replay", ids)
+        approx = session.run("LMCleanerSampleLevel", ids, tail=0)
+        recorded = session.replayer.state_at(session.tau)[1]
+        states = {"exact": exact.opt_state, "lmc": approx.opt_state, "recorded": recorded}
+        exact.params = approx.params if self.sources["params"] == "lmc" else exact.params
+        default = states[self.sources["state"]]
+        exact.opt_state = {n: {k: (states[self.sources[k]][n][k] if k in self.sources else v)
+                               for k, v in st.items()} for n, st in default.items()}
+        return exact
 
 
 def params(trainer) -> dict[str, torch.Tensor]:
@@ -80,7 +121,9 @@ def main() -> None:
         original.train()
         original_end = params(original)
         original_at = load_params(tmp / "original" / f"checkpoint-{args.at}")
-        for k, (method, kw) in enumerate(METHODS):
+        runs = [(m, kw, OnlineUnlearner(m, **kw), None) for m, kw in METHODS]
+        runs += [("split", {}, SplitCorrection(sources), label) for label, sources in SPLITS]
+        for k, (method, kw, unlearner, label) in enumerate(runs):
             trainer = Trainer(load_config(overrides=[*base, f"training.output_dir={tmp / f'm{k}'}"]))
             after: dict[str, torch.Tensor] = {}
             real = trainer._apply_requests
@@ -94,13 +137,17 @@ def main() -> None:
                     real()
 
             trainer._apply_requests = hook
-            trainer.online_unlearner = OnlineUnlearner(method, **kw)
+            trainer.online_unlearner = unlearner
             t0 = time.perf_counter()
             trainer.train()
             end = params(trainer)
-            name = method if not kw else f"{method}({','.join(f'{a}={b}' for a, b in kw.items())})"
+            name = label or (method if not kw else f"{method}({','.join(f'{a}={b}' for a, b in kw.items())})")
+            event = trainer.state.unlearn_events[0] if trainer.state.unlearn_events else {}
             out_rows.append({"method": name, "error_after": rel(after, original_at, oracle_at),
                              "error_end": rel(end, original_end, oracle_end),
+                             "estimated_error": event.get("estimated_error",
+                                                          (event.get("fallback_from") or {}).get("estimated_error")),
+                             "fell_back_to_replay": bool(event.get("fallback_from")),
                              "param_norm_end": sum(float((v.double() ** 2).sum()) for v in end.values()) ** 0.5,
                              "seconds": time.perf_counter() - t0})
     out_rows.append({"method": "oracle", "error_after": 0.0, "error_end": 0.0,

@@ -174,3 +174,59 @@ def test_request_file_without_a_method_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "training.online_unlearning.method" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_online_lmcleaner_resynchronises_the_optimizer_state(tmp_path):
+    """Online, the linear propagation replays its last steps exactly from the corrected state
+    (``tail``, automatic: the momentum horizon): the first moment is rebuilt from gradients at
+    the corrected parameters, the residual that continued training grows (benchmarks/online.py).
+    Against retraining, the final error is below that of the plain propagation (tail=0)."""
+    oracle_run = Trainer(load_config(overrides=[*ADAMW_RUN, f"training.output_dir={tmp_path / 'o'}",
+                                                f"training.exclude_ids={FORGET}", "training_logger.enabled=false"]))
+    oracle_run.train()
+    oracle = params(oracle_run)
+
+    def run(out, **kw):
+        trainer = Trainer(load_config(overrides=[*ADAMW_RUN, f"training.output_dir={tmp_path / out}"]))
+        RequestAt(trainer, 20, FORGET).wrap(OnlineUnlearner("LMCleanerSampleLevel", **kw))
+        state = trainer.train()
+        final = params(trainer)
+        return sum(float(((final[n] - oracle[n]).double() ** 2).sum()) for n in oracle) ** 0.5, state
+
+    with_tail, state = run("auto")
+    without, _ = run("plain", tail=0)
+    session = UnlearnSession(tmp_path / "auto")
+    uses = session.log.steps_containing(FORGET)
+    event = state.unlearn_events[0]
+    assert event["step"] == 20
+    # beta1 = 0.9: 22 steps, at most those after the first use (the propagation keeps that step)
+    assert event["tail_steps"] == min(22, 20 - uses[0] - 1)
+    assert with_tail < without, (with_tail, without)
+
+
+def test_online_correction_flagged_by_its_estimate_falls_back_to_replay(tmp_path, retrained, monkeypatch):
+    """A correction whose own estimate says it is no better than doing nothing never reaches the
+    live model: the request is answered by exact replay (bit-identical to retraining) and the
+    event records the fallback; ``fallback_to_replay=False`` keeps the correction."""
+    from lmcleaner.unlearn.handlers._correction import CorrectionMethod
+
+    real = CorrectionMethod._estimate
+
+    def pessimistic(self, *args, **kwargs):
+        return {**real(self, *args, **kwargs), "estimated_error": 5.0}
+
+    monkeypatch.setattr(CorrectionMethod, "_estimate", pessimistic)
+    oracle, _ = retrained
+    trainer = Trainer(load_config(overrides=[*RUN, f"training.output_dir={tmp_path / 'run'}"]))
+    RequestAt(trainer, AT, FORGET).wrap(OnlineUnlearner("LMCleanerSampleLevel", K=3))
+    state = trainer.train()
+    event = state.unlearn_events[0]
+    assert event["fallback_from"]["method"] == "LMCleanerSampleLevel"
+    final = params(trainer)
+    assert all(torch.equal(final[n], oracle[n]) for n in oracle)
+
+    kept = Trainer(load_config(overrides=[*RUN, f"training.output_dir={tmp_path / 'kept'}"]))
+    RequestAt(kept, AT, FORGET).wrap(OnlineUnlearner("LMCleanerSampleLevel", fallback_to_replay=False, K=3))
+    event = kept.train().unlearn_events[0]
+    assert event["diverged"] and not event.get("fallback_from")
+    assert not all(torch.equal(p, oracle[n]) for n, p in params(kept).items())

@@ -72,6 +72,35 @@ def test_each_carry_against_exact_replay(old):
 
 
 @pytest.mark.slow
+def test_linear_propagation_with_an_exact_tail(old):
+    """``tail``: offline it is 0 unless asked; a tail is clamped to the steps after the first use,
+    and one that leaves the propagation only the first use's step is the exact answer (that step's
+    deviation is exact: d = 0 before it, the optimizer map is evaluated exactly) up to float32
+    rounding, which 56 AdamW steps amplify to ~2e-3 here."""
+    s, ids, theta, oracle = old
+    first = s.steps_for(ids)[0]
+    plain = s.run("LMCleanerSampleLevel", ids, K=1000)
+    assert plain.info["tail_steps"] == 0
+    tailed = s.run("LMCleanerSampleLevel", ids, K=1000, tail=10)
+    assert tailed.info["tail_steps"] == 10
+    assert tailed.info["grad_equivalents_total"] >= 10
+    full = s.run("LMCleanerSampleLevel", ids, K=1000, tail=10_000)
+    assert full.info["tail_steps"] == s.tau - first - 1
+    assert rel_error(full.params, theta, oracle) < 1e-2
+    assert rel_error(tailed.params, theta, oracle) < 1.0
+
+
+def test_momentum_horizon():
+    from lmcleaner.trajectory.types import OptimizerSpec, ParamGroupSpec
+    from lmcleaner.unlearn.handlers._correction import momentum_horizon
+
+    groups = [ParamGroupSpec(names=["w"], weight_decay=0.0, base_lr=1e-3)]
+    assert momentum_horizon(OptimizerSpec("adamw", groups, betas=(0.9, 0.999))) == 22  # 0.9^22 < 0.1 < 0.9^21
+    assert momentum_horizon(OptimizerSpec("sgd", groups, momentum=0.0)) == 0
+    assert momentum_horizon(OptimizerSpec("sgd", groups, momentum=0.5)) == 4
+
+
+@pytest.mark.slow
 def test_linear_propagation_estimate_tracks_the_truth(old):
     """The one-segment probe of the linear propagation: small where the correction is good."""
     s, ids, theta, oracle = old

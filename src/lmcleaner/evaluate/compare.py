@@ -64,6 +64,8 @@ def row_name(method: str, kw: dict[str, Any]) -> str:
         name = name.replace("LMC-sample", "LMC-window") + f"-{kw.get('carry', 'frozen')}"
         if kw.get("tol"):
             name += f"-tol{kw['tol']}"
+    elif method == "auto" and kw.get("carry"):
+        name += f"-{kw['carry']}"
     return name
 
 

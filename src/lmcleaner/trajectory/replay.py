@@ -266,6 +266,16 @@ class TrajectoryReplayer:
         self._origin = None
         return out
 
+    def continue_without(self, extra_excluded: Iterable[int], end: int
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+        """Run the recorded steps from the engine's position up to ``end`` with ``extra_excluded``
+        removed, from whatever state it holds (position it with ``seek`` / ``load_state``), and
+        return copies of ``(theta', opt')`` at ``end``."""
+        extra = frozenset(int(i) for i in extra_excluded)
+        while self._pos < end:
+            self.step_without(self._pos, extra)
+        return self._params(), self._opt_state()
+
     def counterfactual_stops(self, extra_excluded: Iterable[int], stops: Iterable[int]
                              ) -> Iterator[tuple[int, tuple[dict, dict], tuple[dict, dict]]]:
         """Continue a counterfactual from the state the engine holds and yield, at each of the
@@ -275,9 +285,7 @@ class TrajectoryReplayer:
         ``load_state``); stop iterating to end the walk."""
         extra = frozenset(int(i) for i in extra_excluded)
         for p in stops:
-            while self._pos < p:
-                self.step_without(self._pos, extra)
-            cf = (self._params(), self._opt_state())
+            cf = self.continue_without(extra, p)
             recorded = self.state_at(p)
             yield p, cf, recorded
             self.load_state(*cf)  # continue the counterfactual from theta'_p

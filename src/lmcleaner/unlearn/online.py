@@ -48,8 +48,16 @@ def load_state_into(engine, params: dict[str, torch.Tensor], opt_state: dict[str
 
 
 class OnlineUnlearner:
-    def __init__(self, method: str = "LMCleanerSampleLevel", **method_args: Any):
+    """Applies a deletion request to the live run (see the module docstring).
+
+    ``method_args`` are the method's arguments. ``fallback_to_replay`` (default
+    true, as in ``lmcleaner unlearn``): a correction that its own estimate or the
+    divergence guard flags as no better than doing nothing is replaced by exact
+    replay before it reaches the live model; the event records both."""
+
+    def __init__(self, method: str = "LMCleanerSampleLevel", fallback_to_replay: bool = True, **method_args: Any):
         self.method = method
+        self.fallback_to_replay = fallback_to_replay
         self.method_args = method_args
 
     def __call__(self, trainer, ids: list[int], step: int) -> dict[str, Any]:
@@ -66,11 +74,19 @@ class OnlineUnlearner:
         session = UnlearnSession(log_dir=recorder.log_dir,
                                  trust_remote_code=bool(trainer.config.model.trust_remote_code))
         session.progress_leave = False  # inside the training bar
+        session.continues_training = True  # corrections that support it resynchronise the optimizer state
         used = [i for i in ids if session.log.steps_containing([i])]
         if not used:
             return {"method": self.method, "note": "samples not used yet: excluded from now on"}
-        result = session.run(self.method, used, **self.method_args)
+        result = self.compute(session, used)
         load_state_into(trainer.engine, result.params, result.opt_state)
         info = {k: v for k, v in result.info.items() if k in ("method", "K", "hessian_mode", "steps_touched",
-                                                               "correction_norm", "seconds", "grad_equivalents_total")}
+                                                               "correction_norm", "seconds", "grad_equivalents_total",
+                                                               "tail_steps", "estimated_error", "diverged",
+                                                               "fallback_from")}
         return info
+
+    def compute(self, session: UnlearnSession, ids: list[int]):
+        """The correction loaded into the live engine (an ``UnlearnResult``); a subclass may
+        change what is loaded (``benchmarks/online.py`` splits parameters from optimizer state)."""
+        return session.run(self.method, ids, fallback_to_replay=self.fallback_to_replay, **self.method_args)

@@ -216,7 +216,8 @@ class UnlearnSession:
             if fallback_to_replay and result.info.get("diverged") and not cls.exact:
                 log.warning("%s diverged; falling back to exact replay", result.method)
                 first = {k: result.info.get(k) for k in ("method", "K", "hessian_mode", "retain_loss_after",
-                                                          "seconds", "grad_equivalents_total")}
+                                                          "seconds", "grad_equivalents_total", "estimated_error",
+                                                          "diverged_reason")}
                 replay = get_method("replay")
                 result = replay().run(self, used, method_config(replay))
                 result.info["fallback_from"] = first

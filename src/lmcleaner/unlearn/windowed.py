@@ -74,7 +74,7 @@ def norm_params(x: Params) -> float:
     return math.sqrt(sum(float((v.double() ** 2).sum()) for v in x.values()))
 
 
-def _state_sub(a: OptState, b: OptState) -> OptState:
+def sub_state(a: OptState, b: OptState) -> OptState:
     out: OptState = {}
     for n, st in a.items():
         out[n] = {k: v.double() - b[n][k].double() for k, v in st.items()
@@ -145,7 +145,7 @@ class WindowedReplay:
             # the window runs to a restore point at or after t + K (later uses inside it are covered:
             # Z is excluded at every step), then grows restore point by restore point while it must
             for end, (cf_theta, cf_opt), (theta_w, opt_w) in rep.counterfactual_stops(ids, self._ends(log, t, tau)):
-                d, D = sub_params(cf_theta, theta_w), _state_sub(cf_opt, opt_w)
+                d, D = sub_params(cf_theta, theta_w), sub_state(cf_opt, opt_w)
                 window["end"] = end
                 nd = norm_params(d)
                 if end >= tau:

@@ -12,6 +12,7 @@ the training steps replayed to recover past parameters are
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Optional
@@ -59,8 +60,16 @@ class PropagationConfig:
     carry_hessian_mode: str = "exact"  # curvature of carry=linear
     tol: float = 0.0  # propagation=replay: > 0 extends a window until its estimated carry error is <= tol
     low_rank: LowRankOptions = field(default_factory=LowRankOptions)
+    # linear propagation: replay the last ``tail`` steps before tau exactly from the corrected state, so
+    # the optimizer's moments are rebuilt from gradients at the corrected parameters. null: automatic,
+    # the momentum horizon (steps for beta1^n to fall below 0.1) when training continues after the
+    # correction (online requests), else 0. Continued training grows a correction's error through its
+    # first-moment residual (benchmarks/online.py); set it when you resume training from the result.
+    tail: Optional[int] = None
 
     def validate(self) -> None:
+        if self.tail is not None and self.tail < 0:
+            raise ValueError(f"trainer.method_args.tail={self.tail} must be >= 0 (or null: automatic)")
         if self.K < 1:
             raise ValueError(f"trainer.method_args.K={self.K}: the propagation window K must be >= 1 step")
         if self.propagation not in ("linear", "replay"):
@@ -95,11 +104,25 @@ class CorrectionMethod:
             p = window_boundary(session.log, p + 1, session.tau)
         return points
 
-    def _truncation_steps(self, session, touched: list[int], reach: int) -> tuple[int, int] | None:
+    def tail_steps(self, session, cfg: Any, touched: list[int], level: str) -> int:
+        """Steps before ``tau`` replayed exactly after the propagation (``PropagationConfig.tail``).
+        The tail may hold later uses (it replays without the ids) but not the first: the
+        propagation keeps at least that step. Sample level only."""
+        tail = getattr(cfg, "tail", 0)
+        if tail is None:
+            tail = momentum_horizon(session.spec) if getattr(session, "continues_training", False) else 0
+        if level != "sample" or self.reach(cfg) <= 0:
+            return 0
+        return max(0, min(int(tail), session.tau - touched[0] - 1))
+
+    def _truncation_steps(self, session, touched: list[int], reach: int,
+                          tau: int | None = None) -> tuple[int, int] | None:
         """``(a, b)``: two steps at the end of the last window (``b`` = its end) whose deviations
-        show how much it was still changing when it was cut; ``None`` when it reaches ``tau``."""
-        b = min(touched[-1] + reach, session.tau - 1) + 1
-        if b >= session.tau:
+        show how much it was still changing when it was cut; ``None`` when it reaches ``tau``
+        (the propagation's end; default the session's)."""
+        tau = session.tau if tau is None else tau
+        b = min(touched[-1] + reach, tau - 1) + 1
+        if b >= tau:
             return None
         interval = int(session.log.meta.get("checkpoint_interval") or 0) or reach or 1
         return max(touched[-1], b - max(1, min(reach, interval))), b
@@ -177,38 +200,57 @@ class CorrectionMethod:
             raise UnlearnError(str(err)) from None
         algo.router_aux = session.router_aux  # MoE: the router losses are part of the step loss
         forget = touched if level == "batch" else ids
+        tail = self.tail_steps(session, cfg, touched, level)
+        tau_c = session.tau - tail  # the propagation's end; the tail replays tau_c .. tau - 1 exactly
+        all_uses, touched = touched, [u for u in touched if u < tau_c]  # later uses: excluded by the tail
         start = touched[0]
-        end = min(session.tau, touched[-1] + self.reach(cfg) + 1)
+        end = min(tau_c, touched[-1] + self.reach(cfg) + 1)
         restore = session.log.restore_point_for(start).step
         steps_iter, recovery_cost = session.iter_steps(start, end)
         diag = session.log.diag_provider() if hessian_mode == "diag" else None
-        probes = self._probe_steps(session, touched, level)
-        trunc = self._truncation_steps(session, touched, self.reach(cfg))
-        corr = algo.compute(session.template, steps_iter, session.spec, forget, session.tau, diag,
+        probes = [p for p in self._probe_steps(session, touched, level) if p <= tau_c]
+        trunc = self._truncation_steps(session, touched, self.reach(cfg), tau_c)
+        corr = algo.compute(session.template, steps_iter, session.spec, forget, tau_c, diag,
                             last_injection=touched[-1], probe_steps=[p for p in (*probes, *(trunc or ())) if p])
         from ..methods import apply_correction
 
-        theta, opt_state = session.replayer.state_at(session.tau)
-        params, new_state = apply_correction(theta, opt_state, corr)
+        theta_c, opt_c = session.replayer.state_at(tau_c)
+        params, new_state = apply_correction(theta_c, opt_c, corr)
         recovery = recovery_cost()  # steps replayed (light) or gradients (heavy) to recover past states
+        theta, tail_cost = theta_c, 0.0
+        if tail:  # exact replay of the tail from the corrected state, then theta_tau for the guard
+            rep = session.replayer
+            before = rep.steps_run
+            rep.load_state(params, new_state)
+            params, new_state = rep.continue_without(ids, session.tau)
+            theta, _ = rep.state_at(session.tau)
+            tail_cost = float(rep.steps_run - before)
         estimate = self._estimate(session, ids, touched, probes, trunc, corr)
         seconds = time.perf_counter() - t0
         guard = session.retain_guard(theta, params, ids)
         audit = corr.audit.to_json()
-        extra = recovery + estimate["probe_steps"]
+        extra = recovery + estimate["probe_steps"] + tail_cost
         if audit.get("grad_equivalents_measured") is not None:
             audit["grad_equivalents_measured_total"] = audit["grad_equivalents_measured"] + extra
         if hessian_mode == "diag":  # the diagonal was paid for at record time: say how much
             audit["record_time_grad_equivalents"] = _diag_record_cost(session, end - start)
-        info = {**audit, "method": self.name, "steps_touched": touched, "recovery_steps": recovery,
+        info = {**audit, "method": self.name, "steps_touched": all_uses, "recovery_steps": recovery,
                 "storage": session.log.storage, "optimizer_map": getattr(cfg, "optimizer_map", "exact"),
                 "grad_equivalents_total": audit["grad_equivalents"] + extra,
-                "seconds": seconds, "sweep_range": [start, end], "restored_from": restore, **estimate, **guard}
+                "seconds": seconds, "sweep_range": [start, end], "restored_from": restore, "tail_steps": tail,
+                **estimate, **guard}
         if guard["diverged"]:
             log.warning("%s: the correction raised the retain loss from %.3f to %.3f; the linearised propagation "
                         "is probably outside its regime (large steps or a large deletion): prefer method=replay",
                         self.name, guard["retain_loss_before"], guard["retain_loss_after"])
         return UnlearnResult(self.name, ids, session.tau, params, new_state, info)
+
+
+def momentum_horizon(spec, fraction: float = 0.1) -> int:
+    """Steps after which the first moment (AdamW ``beta1``, SGD ``momentum``) keeps less than
+    ``fraction`` of what it held: ``ceil(ln fraction / ln beta)`` (0 without a first moment)."""
+    beta = spec.betas[0] if spec.name.lower() == "adamw" else spec.momentum
+    return math.ceil(math.log(fraction) / math.log(beta)) if 0 < beta < 1 else 0
 
 
 def _diag_record_cost(session, steps: int) -> float:

@@ -1,0 +1,249 @@
+"""Anatomy of an old request's deviation, and what cheap carries make of it.
+
+Trains one run of ``benchmarks/fidelity.py``'s regimes (default: ``old``,
+pretrained base, AdamW), replays the counterfactual without the forgotten
+samples once, and keeps the exact deviation ``d_p = theta'_p - theta_p`` (and
+the optimizer-state deviation) at every restore point ``p``. It then reports:
+
+- where ``d_tau`` sits: share per tensor; for the output layer, the share in
+  rows of tokens the training data never targets, its rank-one share, the
+  sign agreement of those rows, how concentrated its column direction is, and
+  the softmax-invariant common shift (one vector added to every row);
+- how ``d_p`` develops: norm, cosine to ``d_tau``, output-layer amplitude,
+  learning-rate mass since the first use;
+- from each window end ``w`` (exact deviation known there), the relative
+  parameter error at ``tau`` of gradient-free carries: ``frozen`` (the
+  shipped one), ``adam_state`` (AdamW's own map with the gradient held, ``m``
+  and ``v`` interpolated between the recorded checkpoints) and
+  ``extrapolate`` (the last segment's change per unit of learning rate, kept
+  up to ``tau``);
+- with ``--eos STEPS``: the top Hessian eigenvalues of the step loss at those
+  steps (Lanczos), against the stability limit of the optimizer
+  (``2 (1 + momentum) / lr`` for SGD with heavy-ball momentum).
+
+    python benchmarks/anatomy.py --seed 4 --json bench_out/anatomy_adamw_s4.json
+    python benchmarks/anatomy.py --optimizer sgd --seed 6 --eos 20,60,120
+
+Parameter error only; ``benchmarks/fidelity.py`` gives the function-space
+columns of the methods themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fidelity  # the regimes are defined there
+
+from lmcleaner.config import load_config
+from lmcleaner.evaluate import format_table
+from lmcleaner.train import Trainer
+from lmcleaner.unlearn.session import UnlearnSession
+from lmcleaner.unlearn.windowed import norm_params, sub_params, sub_state
+
+Params = dict[str, torch.Tensor]
+
+
+def cosine(a: Params, b: Params) -> float:
+    dot = sum(float((a[n] * b[n]).sum()) for n in a)
+    den = norm_params(a) * norm_params(b)
+    return dot / den if den > 0 else float("nan")
+
+
+def output_layer(params: Params) -> str | None:
+    for name in ("lm_head.weight", "model.lm_head.weight"):
+        if name in params:
+            return name
+    return None
+
+
+def targeted_tokens(dataset, vocab: int) -> torch.Tensor:
+    counts = torch.zeros(vocab)
+    for i in range(len(dataset)):
+        lab = torch.as_tensor(dataset[i]["labels"])
+        lab = lab[(lab >= 0) & (lab < vocab)]
+        counts += torch.bincount(lab, minlength=vocab).float()
+    return counts > 0
+
+
+def anatomy(d: Params, targeted: torch.Tensor | None) -> dict:
+    total = norm_params(d) ** 2
+    shares = sorted(((n, float((v ** 2).sum()) / total) for n, v in d.items()), key=lambda x: -x[1])
+    out: dict = {"norm": math.sqrt(total), "tensor_energy_share": dict(shares[:6])}
+    head = output_layer(d)
+    if head is None:
+        return out
+    W = d[head]
+    e = float((W ** 2).sum())
+    sv = torch.linalg.svdvals(W)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    v = Vh[0] ** 2
+    out.update(head_energy_share=e / total, rank1_share=float(S[0] ** 2 / (sv ** 2).sum()),
+               common_shift_share=float((W.mean(0) ** 2).sum()) * W.shape[0] / e,
+               column_top8_share=float(v.sort(descending=True).values[:8].sum()))
+    if targeted is not None:
+        un = ~targeted
+        rows = (W ** 2).sum(1)
+        u = U[:, 0]
+        out.update(untargeted_rows=int(un.sum()), vocab=int(W.shape[0]),
+                   untargeted_energy_share=float(rows[un].sum()) / e,
+                   untargeted_sign_agreement=float((torch.sign(u[un]) == torch.sign(u[un].sum())).float().mean()))
+    return out
+
+
+def carry_errors(session, exact: dict[int, tuple[Params, dict]], pts: list[int], first: int, tau: int) -> list[dict]:
+    log, spec = session.log, session.spec
+    adam = spec.name.lower() == "adamw"
+    d_tau = exact[tau][0]
+    n_tau = norm_params(d_tau)
+    states = {p: session.replayer.state_at(p)[1] for p in pts} if adam else {}
+    group = {n: gi for gi, g in enumerate(spec.groups) for n in g.names}
+    b1, b2 = spec.betas
+
+    def interp(step: int, key: str, name: str) -> torch.Tensor:
+        lo = max(p for p in pts if p <= step)
+        hi = min((p for p in pts if p >= step), default=lo)
+        x0 = states[lo][name][key].double()
+        if hi == lo:
+            return x0
+        x1, a = states[hi][name][key].double(), (step - lo) / (hi - lo)
+        if key == "exp_avg_sq":  # geometric: v moves by factors
+            return torch.exp((1 - a) * x0.clamp_min(1e-30).log() + a * x1.clamp_min(1e-30).log())
+        return (1 - a) * x0 + a * x1
+
+    def frozen(w: int) -> Params:
+        d = {n: v.clone() for n, v in exact[w][0].items()}
+        for s in range(w, tau):
+            rec = log.record(s)
+            for n in d:
+                g = group.get(n, 0)
+                d[n].mul_(1 - float(rec.lrs[g]) * float(spec.groups[g].weight_decay))
+        return d
+
+    def adam_state(w: int) -> Params:
+        d = {n: v.clone() for n, v in exact[w][0].items()}
+        dm = {n: st["exp_avg"] for n, st in exact[w][1].items() if "exp_avg" in st}
+        dv = {n: st["exp_avg_sq"] for n, st in exact[w][1].items() if "exp_avg_sq" in st}
+        step0 = {n: float(states[pts[0]][n]["step"]) - pts[0] for n in dm}
+        for s in range(w, tau):
+            rec, k = log.record(s), s - w
+            for n in d:
+                g = group.get(n, 0)
+                eta, wd = float(rec.lrs[g]), float(spec.groups[g].weight_decay)
+                d[n].mul_(1 - eta * wd)
+                if n not in dm:
+                    continue
+                m, v = interp(s + 1, "exp_avg", n), interp(s + 1, "exp_avg_sq", n)
+                count = step0[n] + s + 1
+                bc1, bc2 = 1 - b1 ** count, 1 - b2 ** count
+                m2, v2 = m + dm[n] * b1 ** (k + 1), (v + dv[n] * b2 ** (k + 1)).clamp_min(0)
+                d[n] -= eta * (m2 / bc1 / ((v2 / bc2).sqrt() + spec.eps) - m / bc1 / ((v / bc2).sqrt() + spec.eps))
+        return d
+
+    def extrapolate(w: int) -> Params | None:
+        before = max((p for p in [first, *pts] if p < w), default=None)
+        if before is None or before == first:
+            return None  # the first segment holds the injection itself: no rate to carry
+        m = log.lr_mass(before, w)
+        d0, d1 = exact[before][0], exact[w][0]
+        rest = log.lr_mass(w, tau)
+        return {n: d1[n] + (d1[n] - d0[n]) * rest / m for n in d1} if m > 0 else None
+
+    rows = []
+    for w in pts:
+        if w >= tau:
+            continue
+        row = {"w": w, "cost_vs_replay": (w - first) / (tau - first)}
+        for name, fn in (("frozen", frozen), ("adam_state", adam_state if adam else None),
+                         ("extrapolate", extrapolate)):
+            pred = fn(w) if fn is not None else None
+            row[name] = norm_params(sub_params(pred, d_tau)) / n_tau if pred is not None else None
+        rows.append(row)
+    return rows
+
+
+def eos(session, steps: list[int]) -> list[dict]:
+    from lmcleaner.unlearn.functional import FunctionalLM
+    from lmcleaner.unlearn.hvp import make_hvp_backend
+    from lmcleaner.unlearn.lanczos import top_eigenpairs
+
+    rep, log, spec = session.replayer, session.log, session.spec
+    theta0, _ = rep.state_at(steps[0])
+    fl = FunctionalLM(session.template, list(theta0), router=session.router_aux)
+    hvp = make_hvp_backend("exact", fl, None)
+    limit = 2 * (1 + spec.momentum) if spec.name.lower() == "sgd" else None
+    out = []
+    with fl.curvature_mode():
+        for p in steps:
+            theta, _ = rep.state_at(p)
+            rec = log.record(p)
+            batches = rep._all_batches(rec)
+            def matvec(V, theta=theta, batches=batches, rec=rec):
+                return hvp.hvp(theta, batches, rec.normaliser, V)
+
+            ev, _ = top_eigenpairs(matvec, theta, 2, iters=12, which="LA")
+            lam, eta = float(ev.max()), float(rec.lrs[0])
+            out.append({"step": p, "lr": eta, "top_eigenvalue": lam, "lr_x_eigenvalue": eta * lam,
+                        "stability_limit": limit})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fidelity.add_regime_args(ap)
+    ap.add_argument("--eos", default="", help="comma list of steps: top Hessian eigenvalues there")
+    ap.add_argument("--json", default="bench_out/anatomy.json")
+    args = fidelity.parse_regime_args(ap)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        overrides, _, _ = fidelity.regime_config(args, run_dir)
+        trainer = Trainer(load_config(overrides=overrides))
+        trainer.train()
+        ids = fidelity.pick_forget(trainer, args)
+        session = UnlearnSession(run_dir)
+        rep, log, tau = session.replayer, session.log, session.tau
+        uses = session.steps_for(ids)
+        first = uses[0]
+        pts = sorted({p.step for p in log.restore_points if first < p.step < tau} | {tau})
+        exact: dict[int, tuple[Params, dict]] = {}
+        rep.seek(first)
+        for p, (cf, cf_opt), (theta, opt) in rep.counterfactual_stops(ids, pts):
+            exact[p] = (sub_params(cf, theta), sub_state(cf_opt, opt))
+        d_tau = exact[tau][0]
+        head = output_layer(d_tau)
+        targeted = targeted_tokens(trainer.dataset, d_tau[head].shape[0]) if head else None
+        where = anatomy(d_tau, targeted)
+        develop = []
+        for p in pts:
+            d = exact[p][0]
+            row = {"step": p, "norm": norm_params(d), "cos_to_final": cosine(d, d_tau),
+                   "lr_mass_since_use": log.lr_mass(first, p)}
+            if head:
+                row["head_amplitude"] = float(torch.linalg.svdvals(d[head])[0])
+            develop.append(row)
+        carries = carry_errors(session, exact, pts, first, tau)
+        eig = eos(session, [int(s) for s in args.eos.split(",") if s]) if args.eos else []
+    print(json.dumps(where, indent=1))
+    print(format_table(develop))
+    print(format_table(carries))
+    if eig:
+        print(format_table(eig))
+    print(f"regime={args.regime} init={args.init} optimizer={args.optimizer} clip={args.clip} seed={args.seed} "
+          f"uses={uses} tau={tau}")
+    out = {"args": {k: v for k, v in vars(args).items() if k != "overrides"}, "uses": uses, "anatomy": where,
+           "development": develop, "carries": carries, "eigenvalues": eig}
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

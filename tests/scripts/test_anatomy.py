@@ -1,0 +1,46 @@
+"""benchmarks/anatomy.py on a micro run: the exact deviation it records obeys the row-sum
+identity of softmax cross-entropy (SGD never moves the common shift of the output rows;
+AdamW's per-coordinate scaling does), and its carry table is measured against that deviation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _anatomy(tmp_path, optimizer: str) -> dict:
+    out = tmp_path / f"{optimizer}.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "anatomy.py"), "--model", "micro-llama", "--init", "scratch",
+           "--optimizer", optimizer, "--steps", "40", "--C", "10", "--forget", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_anatomy_row_sum_identity_and_carries(tmp_path):
+    sgd, adamw = _anatomy(tmp_path, "sgd"), _anatomy(tmp_path, "adamw")
+    # rows of the lm_head gradient sum to zero: under SGD the deviation has no common shift
+    assert sgd["anatomy"]["common_shift_share"] < 1e-8
+    assert adamw["anatomy"]["common_shift_share"] > 0.05
+    for doc in (sgd, adamw):
+        a = doc["anatomy"]
+        assert 0 < a["head_energy_share"] <= 1 and 0 < a["rank1_share"] <= 1
+        assert a["untargeted_rows"] < a["vocab"]
+        dev = doc["development"]
+        assert dev[-1]["cos_to_final"] == pytest.approx(1.0)
+        carries = doc["carries"]
+        assert [r["w"] for r in carries] == [r["step"] for r in dev[:-1]]
+        # from the last checkpoint before tau every carry is close to the exact deviation
+        assert carries[-1]["frozen"] < carries[0]["frozen"]
+    assert all(r["adam_state"] is not None for r in adamw["carries"])
+    assert all(r["adam_state"] is None for r in sgd["carries"])
