@@ -230,3 +230,37 @@ def test_online_correction_flagged_by_its_estimate_falls_back_to_replay(tmp_path
     event = kept.train().unlearn_events[0]
     assert event["diverged"] and not event.get("fallback_from")
     assert not all(torch.equal(p, oracle[n]) for n, p in params(kept).items())
+
+
+def test_requests_pending_at_one_step_share_one_correction(tmp_path, retrained):
+    """Two requests that arrive before the same step are answered by one joint correction (one
+    replay for both), each with its own event naming the other; the run ends bit-identical to
+    retraining without all their samples, and the log stays replayable."""
+    oracle, _ = retrained
+    trainer = Trainer(load_config(overrides=[*RUN, f"training.output_dir={tmp_path / 'run'}"]))
+    calls = []
+
+    class Counting(OnlineUnlearner):
+        def __call__(self, trainer, ids, step):
+            calls.append((list(ids), step))
+            return super().__call__(trainer, ids, step)
+
+    real = trainer._apply_requests
+
+    def hook():
+        if trainer.state.step == AT and not trainer.state.processed_requests:
+            trainer.request_forget([FORGET[0]], request_id="a")
+            trainer.request_forget([FORGET[1]], request_id="b")
+        real()
+
+    trainer._apply_requests = hook
+    trainer.online_unlearner = Counting("replay")
+    state = trainer.train()
+    assert calls == [(sorted(FORGET), AT)]
+    events = {e["request_id"]: e for e in state.unlearn_events}
+    assert events["a"]["ids"] == [FORGET[0]] and events["a"]["joint_with"] == ["b"]
+    assert events["b"]["ids"] == [FORGET[1]] and events["b"]["joint_with"] == ["a"]
+    final = params(trainer)
+    assert all(torch.equal(final[n], oracle[n]) for n in oracle)
+    later = UnlearnSession(tmp_path / "run").run("replay", [7])
+    assert later.params.keys() == final.keys()

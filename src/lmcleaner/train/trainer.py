@@ -292,20 +292,31 @@ class Trainer:
         # without an unlearner a request fails on the rank that got it, and torchrun stops the others
         if self.accelerator.num_processes > 1 and (self.online_unlearner is not None or self.t.forget_request_file):
             self._sync_requests()
-        while self._pending:
-            req = self._pending.pop(0)
+        if not self._pending:
+            return
+        # every request pending at this step is answered by one joint correction: one replay or one
+        # propagation serves them all (k requests cost one), and each still gets its own event
+        requests, self._pending = self._pending, []
+        asked: list[tuple[dict, list[int]]] = []
+        for req in requests:
             ids = [i for i in req["ids"] if i not in self.state.excluded]
             bad = [i for i in ids if not 0 <= i < len(self.dataset)]
             if bad:
                 raise TrainingError(f"deletion request {req['request_id']}: unknown sample ids {bad[:5]}")
-            if self.online_unlearner is None:
-                raise TrainingError("a deletion request arrived but no online unlearner is attached: set "
-                                    "training.online_unlearning.method=LMCleanerSample (or replay), or pass "
-                                    "Trainer(..., online_unlearner=lmcleaner.unlearn.OnlineUnlearner(...))")
-            info = self.online_unlearner(self, ids, self.state.step) if ids else {}
-            for i in ids:
-                self.state.excluded[i] = self.state.step
+            asked.append((req, ids))
+        if self.online_unlearner is None:
+            raise TrainingError("a deletion request arrived but no online unlearner is attached: set "
+                                "training.online_unlearning.method=LMCleanerSample (or replay), or pass "
+                                "Trainer(..., online_unlearner=lmcleaner.unlearn.OnlineUnlearner(...))")
+        union = list(dict.fromkeys(i for _, ids in asked for i in ids))  # request order, no repeats
+        info = self.online_unlearner(self, union, self.state.step) if union else {}
+        for i in union:
+            self.state.excluded[i] = self.state.step
+        joint = [req["request_id"] for req, _ in asked] if len(asked) > 1 else None
+        for req, ids in asked:
             event = {"request_id": req["request_id"], "step": self.state.step, "ids": ids, **(info or {})}
+            if joint:
+                event["joint_with"] = [r for r in joint if r != req["request_id"]]
             self.state.unlearn_events.append(event)
             self.state.processed_requests.append(req["request_id"])
             self.recorder.on_unlearn_event(event)
