@@ -182,7 +182,7 @@ def main() -> None:
            "retrain_seconds": retrain_seconds, "final_loss": state.history[-1]["loss"],
            "params": sum(p.numel() for p in oracle.values()), "torch_threads": args.threads, "rows": result_rows}
     print(format_table(result_rows, columns=["name", "rel_param_error", "kl_forget_ratio", "mia_gap",
-                                             "estimated_error", "grad_equivalents", "cost_vs_replay",
+                                             "estimated_error", "diverged", "grad_equivalents", "cost_vs_replay",
                                              "wall_vs_replay", "chosen"]))
     print(f"regime={args.regime} init={args.init} optimizer={args.optimizer} clip={args.clip} seed={args.seed} "
           f"steps={args.steps} forget={ids} ({uses} uses); clipped steps {clipped}; "

@@ -101,6 +101,54 @@ def test_momentum_horizon():
 
 
 @pytest.mark.slow
+def test_auto_continues_exact_replay_from_a_rejected_attempt(old):
+    """When ``auto`` rejects its approximation, the answer is replay continued from the attempt's
+    first window (the exact counterfactual up to there): bit-identical to replay, and for a single
+    window at exactly replay's cost (nothing is done twice)."""
+    s, ids, _, oracle = old
+    replay = s.run("replay", ids)
+    res = s.run("auto", ids, max_error=1e-6, K=6)
+    decision = res.info["auto"]
+    assert decision["chosen"] == "replay" and "estimated error" in decision["reason"]
+    end = decision["replay_continued_from"]
+    assert s.steps_for(ids)[-1] < end < s.tau
+    assert all(torch.equal(res.params[n], replay.params[n]) for n in replay.params)
+    assert all(torch.equal(res.params[n], oracle[n]) for n in oracle)
+    attempt = decision["candidates"][1]
+    assert attempt["windows"] == 1  # the two uses are adjacent: one window covers both
+    check = (attempt.get("function_check") or {}).get("grad_equivalents", 0.0)  # forward passes on the rows
+    assert res.info["grad_equivalents_total"] == pytest.approx(replay.info["grad_equivalents_total"] + check)
+
+
+@pytest.mark.slow
+def test_function_check_flags_an_answer_that_overshoots_on_the_forgotten_rows(old, monkeypatch):
+    """The carried answer's move on the forgotten rows (KL from the untouched model) is compared
+    with what the exact removal did at the window's end: an answer moving 5x as far along the
+    exact deviation is flagged (KL grows ~25x), the adaptive window's own answer is not, and a
+    flagged result is a diverged one that the CLI path replaces by replay."""
+    from lmcleaner.unlearn.windowed import WindowedReplay
+
+    s, ids, theta, _ = old
+    res = s.run("LMCleanerSampleLevel", ids, propagation="replay", K=6, carry="frozen", tol=0.1)
+    check = res.info["function_check"]
+    assert not check["flagged"] and 0 <= check["ratio"] <= check["limit"]
+    end = res.info["windows"][-1]["end"]
+    rep = s.replayer
+    rep.seek(s.steps_for(ids)[0])
+    _, (cf, _), (th, _) = next(iter(rep.counterfactual_stops(ids, [end])))
+    far = {n: theta[n] + 5 * (cf[n] - th[n]) for n in theta}
+    flagged = WindowedReplay._function_check(s, ids, far, theta, (cf, th))
+    assert flagged["flagged"] and flagged["ratio"] > 4
+    monkeypatch.setattr(WindowedReplay, "_function_check", staticmethod(lambda *a: {**flagged, "grad_equivalents": 0.0}))
+    bad = s.run("LMCleanerSampleLevel", ids, propagation="replay", K=6, carry="frozen", tol=0.1)
+    assert bad.info["diverged"] and "forgotten rows" in bad.info["diverged_reason"]
+    replaced = s.run("LMCleanerSampleLevel", ids, fallback_to_replay=True, propagation="replay", K=6, tol=0.1)
+    assert replaced.info["fallback_from"]["method"] == "LMCleanerSampleLevel"
+    auto = s.run("auto", ids, K=6, max_error=0.5)
+    assert auto.info["chosen"] == "replay" and "function space" in auto.info["auto"]["reason"]
+
+
+@pytest.mark.slow
 def test_linear_propagation_estimate_tracks_the_truth(old):
     """The one-segment probe of the linear propagation: small where the correction is good."""
     s, ids, theta, oracle = old

@@ -151,6 +151,7 @@ def compare_methods(session, ids: list[int], grid: Grid, oracle: dict[str, torch
             "seconds": res.info.get("seconds"), "grad_equivalents": cost,
             "recovery_steps": res.info.get("recovery_steps"), "steps_touched": len(res.info.get("steps_touched", [])),
             "diverged": res.info.get("diverged"), "estimated_error": res.info.get("estimated_error"),
+            "function_check_ratio": (res.info.get("function_check") or {}).get("ratio"),
         })
         if on_result is not None:
             on_result(name, res)

@@ -210,9 +210,15 @@ class UnlearnSession:
                 self.replayer.progress(budget, f"unlearn {cls.name}", self.progress, self.progress_leave):
             result = cls().run(self, used, cfg)
             est = result.info.get("estimated_error")
+            check = result.info.get("function_check") or {}
             if est is not None and est >= 1.0:  # its own estimate says: no better than doing nothing
                 result.info["diverged"] = True
                 result.info["diverged_reason"] = f"estimated error {est:.3g} >= 1 (doing nothing scores 1)"
+            elif check.get("flagged"):  # in function space, on the forgotten rows (unlearn.windowed)
+                result.info["diverged"] = True
+                result.info["diverged_reason"] = (
+                    f"on the forgotten rows the answer moves the untouched model {check['ratio']:.3g}x as far "
+                    f"(KL) as removing them did at the window's end (> {check['limit']:g}: worse than doing nothing)")
             if fallback_to_replay and result.info.get("diverged") and not cls.exact:
                 log.warning("%s diverged; falling back to exact replay", result.method)
                 first = {k: result.info.get(k) for k in ("method", "K", "hessian_mode", "retain_loss_after",
@@ -259,6 +265,18 @@ class UnlearnSession:
         before, after = self.retain_loss(theta, ids), self.retain_loss(params, ids)
         return {"retain_loss_before": before, "retain_loss_after": after,
                 "diverged": bool(after > before * (1 + GUARD_TOLERANCE) + 0.05)}
+
+    @torch.no_grad()
+    def forget_kl(self, target: dict[str, torch.Tensor], model: dict[str, torch.Tensor], ids: list[int]) -> float:
+        """Mean per-token ``KL(target || model)`` over the answer tokens of the forgotten rows
+        ``ids`` (two forward passes over them, float64 arithmetic)."""
+        from ..evaluate.fidelity import kl_to_oracle
+
+        items = [self.trainer.dataset[i] for i in ids]
+        sums, counts = kl_to_oracle(self.model_with(model), self.model_with(target), items,
+                                    pad_token_id=self.trainer.dataset.pad_token_id)
+        total = sum(c for c in counts)
+        return sum(x for x, c in zip(sums, counts) if c) / total if total else 0.0
 
     # ---------------------------------------------------------------- write
     def model_with(self, params: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -20,8 +20,11 @@ The decision, recorded in the result (``info["auto"]``) and so in the audit:
    replay's cost, and stops early when its estimate cannot get there; it is
    returned if its own ``estimated_error`` (see
    ``unlearn.windowed``) is at most ``max_error`` and the divergence guard is
-   silent, else exact replay runs and is returned (both recorded; the cost
-   reported is the sum).
+   silent. Else the answer is exact replay, *continued* from the end of the
+   attempt's first window (that window is the exact counterfactual up to its
+   end, from the recorded state at the first use): the result is the replay
+   result, and a rejected attempt costs only its windows after the first
+   (both recorded; the cost reported is the sum).
 
 ``max_error`` is an estimated *relative parameter error*
 ``||theta_hat - theta_re|| / ||theta - theta_re||``; ``0`` forces replay.
@@ -101,7 +104,7 @@ class Auto:
             reason = None
         decision: dict[str, Any] = {"max_error": cfg.max_error, "max_cost_ratio": cfg.max_cost_ratio,
                                     "candidates": candidates}
-        spent = 0.0
+        spent, algo = 0.0, None
         if reason is None:
             from ..windowed import WindowedReplay
 
@@ -112,14 +115,39 @@ class Auto:
             params, new_state, info = algo.compute(session, ids)
             guard = session.retain_guard(theta, params, ids)
             spent = float(info["grad_equivalents_total"])
-            cand.update(measured_estimated_error=info["estimated_error"], cost=spent, diverged=guard["diverged"])
-            if info["estimated_error"] <= cfg.max_error and not guard["diverged"]:
+            cand.update(measured_estimated_error=info["estimated_error"], cost=spent, diverged=guard["diverged"],
+                        windows=len(info["windows"]), function_check=info.get("function_check"))
+            function_flag = bool((info.get("function_check") or {}).get("flagged"))
+            if info["estimated_error"] <= cfg.max_error and not guard["diverged"] and not function_flag:
                 decision.update(chosen="LMCleanerSampleLevel", reason="estimated error within max_error")
                 info = {**info, **guard, "method": self.name, "chosen": "LMCleanerSampleLevel", "auto": decision,
                         "seconds": time.perf_counter() - t0}
                 return UnlearnResult(self.name, ids, tau, params, new_state, info)
-            reason = (f"the approximation's estimated error {info['estimated_error']:.3g} exceeds max_error"
-                      if not guard["diverged"] else "the approximation raised the retain loss (divergence guard)")
+            if guard["diverged"]:
+                reason = "the approximation raised the retain loss (divergence guard)"
+            elif info["estimated_error"] > cfg.max_error:
+                reason = f"the approximation's estimated error {info['estimated_error']:.3g} exceeds max_error"
+            else:
+                reason = (f"on the forgotten rows the approximation moves the model {info['function_check']['ratio']:.3g}x "
+                          "as far as the removal did at its window's end: worse than doing nothing in function space")
+        exact = getattr(algo, "exact_state", None) if reason is not None and spent else None
+        if exact is not None and exact[0] < tau:
+            # the rejected attempt's first window is the exact counterfactual up to its end: exact
+            # replay continues from there (bit-identical to replay from the start, without repeating it)
+            end, theta_e, opt_e = exact
+            rep = session.replayer
+            before = rep.steps_run
+            rep.seek(end)
+            rep.load_state(theta_e, opt_e)
+            params, opt_state = rep.continue_without(ids, tau)
+            steps = float(rep.steps_run - before)
+            decision.update(chosen="replay", reason=reason, replay_continued_from=end)
+            info = {"method": self.name, "chosen": "replay", "auto": decision, "estimated_error": 0.0,
+                    "steps_touched": uses, "restored_from": session.log.restore_point_for(uses[0]).step,
+                    "recovery_steps": spent + steps, "grad_equivalents": spent + steps,
+                    "grad_equivalents_total": spent + steps, "K": None, "hessian_mode": None,
+                    "seconds": time.perf_counter() - t0}
+            return UnlearnResult(self.name, ids, tau, params, opt_state, info)
         replay = get_method("replay")
         res = replay().run(session, ids, method_config(replay))
         decision.update(chosen="replay", reason=reason)
