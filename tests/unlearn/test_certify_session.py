@@ -142,3 +142,16 @@ def test_windowed_replay_and_auto(session, corrected, oracle):
     auto = session.run("auto", FORGET, certify={"epsilon": 1.0, "seed": 0})
     c = auto.info["certification"]
     assert c["guarantee"] == "formal" and (c["sigma"] == 0.0) == (auto.info["chosen"] == "replay")
+
+
+def test_linear_correction_with_an_exact_tail_has_no_formal_bound(session):
+    """The formal bound follows the linear propagation up to tau; a correction whose last steps were
+    replayed from its corrected state (``tail``, online by default) is not covered by it."""
+    from lmcleaner.unlearn.certify import certify_result
+
+    tailed = session.run("LMCleanerSampleLevel", FORGET, tail=2)
+    assert tailed.info["tail_steps"] == 2
+    with pytest.raises(NoFormalBound, match="exact tail"):
+        certify_result(session, tailed, {"epsilon": 1.0})
+    empirical = certify_result(session, tailed, {"epsilon": 1.0, "bound": "formal_or_empirical", "seed": 1})
+    assert empirical.info["certification"]["guarantee"] == "empirical"

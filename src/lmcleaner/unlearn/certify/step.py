@@ -179,6 +179,10 @@ def formal_bound_for(session, result: UnlearnResult, cfg: CertifyConfig) -> Resi
         return formal_residual_bound(session.spec, records, touched, result.tau, n, level="sample",
                                      damping=float(info.get("damping") or 0.0) if info["carry"] == "linear" else 0.0,
                                      exact_until=int(info["windows"][0]["end"]), **common)
+    if info.get("tail_steps"):
+        raise NoFormalBound(f"no formal bound for a linear propagation with an exact tail ({info['tail_steps']} "
+                            "steps replayed from the corrected state): the bound follows the propagation to tau; "
+                            "use trainer.method_args.tail=0")
     if info.get("optimizer_map") != "exact":
         # the derivation needs an exact first step and clipped later changes (CorrectionMethod records
         # optimizer_map); the tangent map is not covered
