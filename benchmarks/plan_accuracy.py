@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from lmcleaner.config import load_config
-from lmcleaner.data import Collator
-from lmcleaner.plan.estimate import make_plan
+from lmcleaner.plan.estimate import make_plan, measured_seq_len
 from lmcleaner.plan.shapes import model_shape
 from lmcleaner.train import Trainer
 from lmcleaner.unlearn.session import UnlearnSession
@@ -42,12 +41,10 @@ def size(path: Path) -> int:
 def measure(name: str, extra: list[str], root: Path) -> list[dict]:
     cfg = load_config(overrides=[*BASE, *extra, f"training.output_dir={root / 'run'}"])
     trainer = Trainer(cfg)
-    collate = Collator(trainer.dataset.pad_token_id)
-    widths = [collate([trainer.dataset[i] for i in mb])["input_ids"].shape[1]
-              for s in range(12) for mb in trainer.plan.micro_batches(s)]
+    seq_len = measured_seq_len(trainer)
     trainer.train()
     run = root / "run"
-    plan = make_plan(cfg, model_shape(cfg.model, cfg.lora), 48, ages=[7], seq_len=round(sum(widths) / len(widths)))
+    plan = make_plan(cfg, model_shape(cfg.model, cfg.lora), 48, ages=[7], seq_len=seq_len)
     session = UnlearnSession(run)
     sample = session.log.record(5).sample_ids[0]
     replay = session.run("replay", [sample]).info["grad_equivalents_total"]

@@ -10,8 +10,7 @@ import torch
 
 from lmcleaner.cli.main import main
 from lmcleaner.config import load_config
-from lmcleaner.data import Collator
-from lmcleaner.plan.estimate import make_plan
+from lmcleaner.plan.estimate import make_plan, measured_seq_len
 from lmcleaner.plan.known import KNOWN_CONFIGS, PUBLISHED_PARAMETERS
 from lmcleaner.plan.shapes import model_shape
 from lmcleaner.train import Trainer
@@ -37,16 +36,14 @@ def test_plan_matches_measured_storage_and_costs(tmp_path, extra):
     cfg = load_config(overrides=[*BASE, *extra, f"training.output_dir={tmp_path / 'run'}"])
     trainer = Trainer(cfg)
     # the mean padded width of the micro-batches is the plan's --seq-len (a property of the data)
-    collate = Collator(trainer.dataset.pad_token_id)
-    widths = [collate([trainer.dataset[i] for i in mb])["input_ids"].shape[1]
-              for s in range(12) for mb in trainer.plan.micro_batches(s)]
+    seq_len = measured_seq_len(trainer)
     trainer.train()
     run = tmp_path / "run"
     shape = model_shape(cfg.model, cfg.lora)
     assert shape.trainable_parameters == sum(p.numel() for p in trainer.engine.trainable().values())
     s = UnlearnSession(run)
     sample, t_z = s.log.record(5).sample_ids[0], 5  # one epoch: every sample is used once
-    plan = make_plan(cfg, shape, 48, ages=[12 - t_z], seq_len=round(sum(widths) / len(widths)))
+    plan = make_plan(cfg, shape, 48, ages=[12 - t_z], seq_len=seq_len)
     st = plan["storage"]
     measured = {
         "one checkpoint": (st["checkpoint"]["total"], _size(run / "checkpoint-12")),

@@ -137,7 +137,7 @@ def test_function_check_flags_an_answer_that_overshoots_on_the_forgotten_rows(ol
     rep.seek(s.steps_for(ids)[0])
     _, (cf, _), (th, _) = next(iter(rep.counterfactual_stops(ids, [end])))
     far = {n: theta[n] + 5 * (cf[n] - th[n]) for n in theta}
-    flagged = WindowedReplay._function_check(s, ids, far, theta, (cf, th))
+    flagged = WindowedReplay._function_check(s, ids, far, theta, (cf, th), s.steps_for(ids)[0])
     assert flagged["flagged"] and flagged["ratio"] > 4
     monkeypatch.setattr(WindowedReplay, "_function_check", staticmethod(lambda *a: {**flagged, "grad_equivalents": 0.0}))
     bad = s.run("LMCleanerSampleLevel", ids, propagation="replay", K=6, carry="frozen", tol=0.1)

@@ -397,3 +397,14 @@ def make_plan(cfg, shape: ModelShape, samples: int, ages: list[int] | None = Non
             "FLOPs: 6*P*T per step (4*P*T with LoRA), P = parameters a token meets, T = tokens per step",
         ],
     }
+
+
+def measured_seq_len(trainer, steps: int = 12) -> int:
+    """The mean padded width of the micro-batches of a run's first ``steps`` steps: the plan's
+    ``--seq-len`` as the run's data and collator set it (for checking a plan against a run)."""
+    from ..data import Collator
+
+    collate = Collator(trainer.dataset.pad_token_id)
+    widths = [collate([trainer.dataset[i] for i in mb])["input_ids"].shape[1]
+              for s in range(steps) for mb in trainer.plan.micro_batches(s)]
+    return round(sum(widths) / len(widths))

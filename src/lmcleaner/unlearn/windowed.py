@@ -188,7 +188,7 @@ class WindowedReplay:
         theta, opt_state = rep.state_at(tau)
         params = {n: (theta[n].double() + d[n]).to(theta[n].dtype) for n in theta}
         new_state = _state_add(opt_state, D, betas) if D else opt_state
-        check = self._function_check(session, ids, params, theta, last_pair) if windows[-1]["end"] < tau else None
+        check = self._function_check(session, ids, params, theta, last_pair, uses[0]) if windows[-1]["end"] < tau else None
         replayed = rep.steps_run - steps_before
         counterfactual = sum(w["end"] - w["start"] for w in windows)
         carry_cost = sum(c.get("grad_equivalents", 0.0) for c in self._carry_log)
@@ -205,7 +205,8 @@ class WindowedReplay:
     FUNCTION_LIMIT = 4.0
 
     @staticmethod
-    def _function_check(session, ids: list[int], params: Params, theta: Params, last_pair) -> dict[str, Any]:
+    def _function_check(session, ids: list[int], params: Params, theta: Params, last_pair,
+                        first_use: int) -> dict[str, Any]:
         """Function-space check of a carried answer, on the forgotten rows (forward passes only).
 
         ``A = KL(answer || untouched)`` at ``tau`` against ``B = KL(theta'_w || theta_w)``, what
@@ -221,7 +222,7 @@ class WindowedReplay:
         a = session.forget_kl(params, theta, ids)
         b = session.forget_kl(cf_w, theta_w, ids)
         ratio = a / b if b > 0 else (0.0 if a == 0 else float("inf"))
-        rows_per_step = max(1, len(session.log.record(session.steps_for(ids)[0]).sample_ids))
+        rows_per_step = max(1, len(session.log.record(first_use).sample_ids))
         cost = 4 * len(ids) / (3 * rows_per_step)  # four forward passes over the rows, a third of a gradient each
         return {"kl_answer_vs_untouched": a, "kl_removal_at_window_end": b, "ratio": ratio,
                 "limit": WindowedReplay.FUNCTION_LIMIT, "flagged": bool(ratio > WindowedReplay.FUNCTION_LIMIT),
