@@ -17,7 +17,9 @@ propagation. Control rows split the plain propagation's residual (``SPLITS``): `
 + LMC state`` loads replay's parameters with LMCleaner's optimizer state, ``LMC
 params + exact state`` the reverse, and further rows take AdamW's ``m`` or ``v``
 alone from replay, or leave the state uncorrected. Which of them grows under
-continued training says which part of a correction carries the growth.
+continued training says which part of a correction carries the growth. The
+``auto`` row is ``training.online_unlearning.method=auto``: ``chosen`` is its
+answer, ``grad_equivalents`` what it cost.
 
     python benchmarks/online.py --optimizer adamw --lr 1e-3 --json bench_out/online_adamw.json
 """
@@ -40,7 +42,8 @@ from lmcleaner.unlearn.online import OnlineUnlearner
 
 METHODS = [("replay", {}), ("LMCleanerSampleLevel", {}), ("LMCleanerSampleLevel", {"tail": 0}),
            ("LMCleanerSampleLevel", {"K": 10}),
-           ("LMCleanerSampleLevel", {"propagation": "replay", "K": 10, "carry": "momentum"}), ("rollback", {})]
+           ("LMCleanerSampleLevel", {"propagation": "replay", "K": 10, "carry": "momentum"}), ("rollback", {}),
+           ("auto", {})]
 # Controls that split an approximate correction's residual. Each takes the parameters and each
 # optimizer-state tensor (AdamW m = exp_avg, v = exp_avg_sq; SGD momentum_buffer) from one source:
 # "exact" (replay), "lmc" (LMCleaner's full-window correction) or "recorded" (the state of the
@@ -148,6 +151,8 @@ def main() -> None:
                              "estimated_error": event.get("estimated_error",
                                                           (event.get("fallback_from") or {}).get("estimated_error")),
                              "fell_back_to_replay": bool(event.get("fallback_from")),
+                             "chosen": event.get("chosen"),  # auto's answer
+                             "grad_equivalents": event.get("grad_equivalents_total"),
                              "param_norm_end": sum(float((v.double() ** 2).sum()) for v in end.values()) ** 0.5,
                              "seconds": time.perf_counter() - t0})
     out_rows.append({"method": "oracle", "error_after": 0.0, "error_end": 0.0,

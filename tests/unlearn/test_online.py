@@ -264,3 +264,24 @@ def test_requests_pending_at_one_step_share_one_correction(tmp_path, retrained):
     assert all(torch.equal(final[n], oracle[n]) for n in oracle)
     later = UnlearnSession(tmp_path / "run").run("replay", [7])
     assert later.params.keys() == final.keys()
+
+
+@pytest.mark.parametrize("method,extra,expected", [
+    ("auto", [], {}),  # auto's own first window (40), not LMCleaner's propagation window 800
+    ("auto", ["training.online_unlearning.K=12"], {"K": 12}),
+    ("LMCleanerSample", [], {}),  # LMCleaner's own defaults (K=800, exact, 1e-4)
+    ("LMCleanerSample", ["training.online_unlearning.K=7", "training.online_unlearning.hessian_mode=diag"],
+     {"K": 7, "hessian_mode": "diag"}),
+    ("replay", ["training.online_unlearning.K=7"], {}),  # replay takes no window
+])
+def test_configured_online_method_gets_only_the_keys_set(tmp_path, method, extra, expected):
+    from lmcleaner.train.trainer import _configured_unlearner
+    from lmcleaner.unlearn.registry import get_method, method_config
+
+    cfg = load_config(overrides=[*RUN, f"training.output_dir={tmp_path}", f"training.online_unlearning.method={method}",
+                                 *extra])
+    unlearner = _configured_unlearner(cfg.training)
+    assert unlearner.method_args == expected
+    cls = get_method(method)
+    if method == "auto":  # what the method will actually run with
+        assert method_config(cls, unlearner.method_args).K == expected.get("K", 40)

@@ -73,9 +73,12 @@ class OnlineUnlearningConfig:
     """
 
     method: Optional[str] = None
-    K: int = 800  # propagation window (LMCleaner methods)
-    hessian_mode: str = "exact"  # exact | GGN | diag
-    damping: float = 1e-4
+    # Passed to the method only when set and only if it takes them; unset: the method's own default
+    # (LMCleaner: K=800, exact, 1e-4; auto: K=40 is its *first window*, so LMCleaner's 800 would
+    # make online auto always answer with replay).
+    K: Optional[int] = None  # LMCleaner: propagation window; auto: first window
+    hessian_mode: Optional[str] = None  # exact | GGN | diag
+    damping: Optional[float] = None
 
 
 @dataclass

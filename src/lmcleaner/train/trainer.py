@@ -63,10 +63,11 @@ def _configured_unlearner(t) -> OnlineUnlearner | None:
     from ..unlearn.registry import get_method, method_config
 
     cls = get_method(oc.method)  # a one-line error for an unknown name, before anything runs
-    # K, hessian_mode, damping belong to the LMCleaner methods; replay (exact) and others take what they have
+    # K, hessian_mode, damping belong to the LMCleaner methods (auto takes K as its first window);
+    # replay (exact) and others take what they have. Unset keys keep the method's own default.
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     args = {k: v for k, v in (("K", oc.K), ("hessian_mode", oc.hessian_mode), ("damping", oc.damping))
-            if k in fields}
+            if k in fields and v is not None}
     method_config(cls, args)  # bad values fail now too
     return Online(cls.name, **args)
 

@@ -83,7 +83,7 @@ class OnlineUnlearner:
         info = {k: v for k, v in result.info.items() if k in ("method", "K", "hessian_mode", "steps_touched",
                                                                "correction_norm", "seconds", "grad_equivalents_total",
                                                                "tail_steps", "estimated_error", "diverged",
-                                                               "fallback_from")}
+                                                               "fallback_from", "chosen", "auto")}
         return info
 
     def compute(self, session: UnlearnSession, ids: list[int]):
