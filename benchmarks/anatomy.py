@@ -19,7 +19,24 @@ the optimizer-state deviation) at every restore point ``p``. It then reports:
   up to ``tau``);
 - with ``--eos STEPS``: the top Hessian eigenvalues of the step loss at those
   steps (Lanczos), against the stability limit of the optimizer
-  (``2 (1 + momentum) / lr`` for SGD with heavy-ball momentum).
+  (``2 (1 + momentum) / lr`` for SGD with heavy-ball momentum);
+- with ``--linearity``: how far *any* linear propagation from a window end
+  ``w`` (after the last use) can get, whatever its curvature. The training
+  flow ``Phi`` from ``w`` to ``tau`` maps the recorded state to ``theta_tau``
+  and the counterfactual one to ``theta'_tau``, so ``d_tau`` is its secant
+  ``Phi(theta'_w) - Phi(theta_w)``. Linear propagation computes the tangent
+  ``J(theta_w) d_w``; here it is measured by a finite difference of exact
+  replays, ``(Phi(theta_w + eps d_w) - Phi(theta_w)) / eps`` (optimizer state
+  moved by ``eps`` of its deviation too), and compared with ``d_tau``. The
+  same at the counterfactual end (``tangent_at_counterfactual``) and at the
+  midpoint ``theta_w + d_w / 2`` (``tangent_at_midpoint``, the second-order
+  rule) say whether the failure is curvature of the flow over ``d`` itself.
+  ``eps_response`` is the counterfactual tangent's norm over ``||d_tau||``
+  (1 for a linear flow; a chaotic one would be far above 1).
+  ``linear_propagation`` is what LMCleaner's own linear carry (exact HVPs,
+  ``carry=linear``) makes of ``d_w``: for SGD it *is* the tangent at the
+  recorded trajectory, for AdamW it evaluates Adam's map exactly on the
+  linearised gradient (``unlearn/propagation.py``).
 
     python benchmarks/anatomy.py --seed 4 --json bench_out/anatomy_adamw_s4.json
     python benchmarks/anatomy.py --optimizer sgd --seed 6 --eos 20,60,120
@@ -46,7 +63,12 @@ from lmcleaner.config import load_config
 from lmcleaner.evaluate import format_table
 from lmcleaner.train import Trainer
 from lmcleaner.unlearn.session import UnlearnSession
-from lmcleaner.unlearn.windowed import norm_params, sub_params, sub_state
+from lmcleaner.unlearn.windowed import (
+    WindowedReplay,
+    norm_params,
+    sub_params,
+    sub_state,
+)
 
 Params = dict[str, torch.Tensor]
 
@@ -169,6 +191,49 @@ def carry_errors(session, exact: dict[int, tuple[Params, dict]], pts: list[int],
     return rows
 
 
+def linearity(session, ids: list[int], exact_states: dict[int, tuple[tuple, tuple]], ws: list[int],
+              eps: float, linear: bool = True) -> list[dict]:
+    """Finite-difference tangents of the exact training flow from each ``w`` to ``tau`` along the
+    exact deviation (see the module docstring). ``exact_states[p] = ((theta'_p, opt'_p), (theta_p, opt_p))``.
+
+    Every state replayed is ``(theta_w, opt_w) + a (d_w, D_w)`` with ``0 <= a <= 1``: a convex
+    combination of the recorded and the counterfactual state, so AdamW's ``v`` stays >= 0 (a step
+    outside can make it negative where only the removed samples had a gradient)."""
+    rep, tau = session.replayer, session.tau
+    (cf_tau, _), (theta_tau, _) = exact_states[tau]
+    d_tau = sub_params(cf_tau, theta_tau)
+    n_tau = norm_params(d_tau)
+    rows = []
+    for w in ws:
+        (cf, cf_opt), (theta, opt) = exact_states[w]
+        d, D = sub_params(cf, theta), sub_state(cf_opt, opt)
+
+        def flow(a: float, w=w, theta=theta, opt=opt, d=d, D=D) -> Params:
+            if a == 0.0:
+                return theta_tau
+            if a == 1.0:
+                return cf_tau
+            rep.seek(w)
+            rep.load_state({n: theta[n] + a * d[n] for n in theta},
+                           {n: {k: (v + a * D[n][k] if k in D.get(n, {}) and k != "step" else v)
+                                for k, v in st.items()} for n, st in opt.items()})
+            return rep.continue_without(ids, tau)[0]
+
+        row: dict = {"w": w}
+        if linear:  # what LMCleaner's linear carry (exact HVPs) makes of the same deviation
+            carried, _ = WindowedReplay(carry="linear").carry_between(session, d, D, w, tau)
+            row["linear_propagation"] = norm_params(sub_params(carried, d_tau)) / n_tau
+        for name, lo, hi in (("tangent_at_recorded", 0.0, eps), ("tangent_at_midpoint", 0.5 - eps / 2, 0.5 + eps / 2),
+                             ("tangent_at_counterfactual", 1.0 - eps, 1.0)):
+            a, b = flow(lo), flow(hi)
+            tangent = {n: (b[n] - a[n]) / eps for n in b}
+            row[name] = norm_params(sub_params(tangent, d_tau)) / n_tau
+            if name == "tangent_at_counterfactual":
+                row["eps_response"] = norm_params(tangent) / n_tau
+        rows.append(row)
+    return rows
+
+
 def eos(session, steps: list[int]) -> list[dict]:
     from lmcleaner.unlearn.functional import FunctionalLM
     from lmcleaner.unlearn.hvp import make_hvp_backend
@@ -199,6 +264,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     fidelity.add_regime_args(ap)
     ap.add_argument("--eos", default="", help="comma list of steps: top Hessian eigenvalues there")
+    ap.add_argument("--linearity", default="", help="comma list of window ends after the last use: finite-difference "
+                    "tangents of the exact flow to tau (4 replays each)")
+    ap.add_argument("--fd-eps", type=float, default=0.02, help="--linearity: finite-difference step (fraction of d_w)")
     ap.add_argument("--json", default="bench_out/anatomy.json")
     args = fidelity.parse_regime_args(ap)
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,10 +280,17 @@ def main() -> None:
         uses = session.steps_for(ids)
         first = uses[0]
         pts = sorted({p.step for p in log.restore_points if first < p.step < tau} | {tau})
+        lin_ws = [int(w) for w in args.linearity.split(",") if w]
+        bad = [w for w in lin_ws if w not in pts or w <= uses[-1]]
+        if bad:
+            ap.error(f"--linearity: {bad} are not restore points after the last use {uses[-1]}; use some of {pts[:-1]}")
         exact: dict[int, tuple[Params, dict]] = {}
+        states: dict[int, tuple[tuple, tuple]] = {}
         rep.seek(first)
         for p, (cf, cf_opt), (theta, opt) in rep.counterfactual_stops(ids, pts):
             exact[p] = (sub_params(cf, theta), sub_state(cf_opt, opt))
+            if p in lin_ws or p == tau:
+                states[p] = ((cf, cf_opt), (theta, opt))
         d_tau = exact[tau][0]
         head = output_layer(d_tau)
         targeted = targeted_tokens(trainer.dataset, d_tau[head].shape[0]) if head else None
@@ -230,15 +305,19 @@ def main() -> None:
             develop.append(row)
         carries = carry_errors(session, exact, pts, first, tau)
         eig = eos(session, [int(s) for s in args.eos.split(",") if s]) if args.eos else []
+        lin = linearity(session, ids, states, lin_ws, args.fd_eps) if lin_ws else []
     print(json.dumps(where, indent=1))
     print(format_table(develop))
     print(format_table(carries))
     if eig:
         print(format_table(eig))
+    if lin:
+        print(format_table(lin))
     print(f"regime={args.regime} init={args.init} optimizer={args.optimizer} clip={args.clip} seed={args.seed} "
           f"uses={uses} tau={tau}")
     out = {"args": {k: v for k, v in vars(args).items() if k != "overrides"}, "uses": uses, "anatomy": where,
-           "development": develop, "carries": carries, "eigenvalues": eig}
+           "development": develop, "carries": carries, "eigenvalues": eig,
+           "linearity": lin}
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))

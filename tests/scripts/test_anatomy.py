@@ -15,12 +15,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _anatomy(tmp_path, optimizer: str) -> dict:
+def _anatomy(tmp_path, optimizer: str, *extra: str) -> dict:
     out = tmp_path / f"{optimizer}.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "anatomy.py"), "--model", "micro-llama", "--init", "scratch",
-           "--optimizer", optimizer, "--steps", "40", "--C", "10", "--forget", "2", "--json", str(out)]
+           "--optimizer", optimizer, "--steps", "40", "--C", "10", "--forget", "2", "--json", str(out), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return json.loads(out.read_text())
@@ -28,7 +28,8 @@ def _anatomy(tmp_path, optimizer: str) -> dict:
 
 @pytest.mark.slow
 def test_anatomy_row_sum_identity_and_carries(tmp_path):
-    sgd, adamw = _anatomy(tmp_path, "sgd"), _anatomy(tmp_path, "adamw")
+    sgd = _anatomy(tmp_path, "sgd", "--linearity", "10,30", "--fd-eps", "0.01")
+    adamw = _anatomy(tmp_path, "adamw")
     # rows of the lm_head gradient sum to zero: under SGD the deviation has no common shift
     assert sgd["anatomy"]["common_shift_share"] < 1e-8
     assert adamw["anatomy"]["common_shift_share"] > 0.05
@@ -44,3 +45,25 @@ def test_anatomy_row_sum_identity_and_carries(tmp_path):
         assert carries[-1]["frozen"] < carries[0]["frozen"]
     assert all(r["adam_state"] is not None for r in adamw["carries"])
     assert all(r["adam_state"] is None for r in sgd["carries"])
+
+    # --linearity: for SGD, LMCleaner's linear propagation from w *is* the flow's tangent at the
+    # recorded trajectory, which the benchmark measures independently by finite differences of
+    # exact replays: the two must agree (an exact check of the propagation, and of the benchmark)
+    lin = sgd["linearity"]
+    assert [r["w"] for r in lin] == [10, 30]
+    for r in lin:
+        assert r["linear_propagation"] == pytest.approx(r["tangent_at_recorded"], rel=0.05, abs=5e-3), r
+        assert 0 < r["eps_response"] < 10
+    # over the last 10 steps the flow is close to linear: every tangent is near the secant
+    assert max(lin[-1]["tangent_at_recorded"], lin[-1]["tangent_at_midpoint"],
+               lin[-1]["tangent_at_counterfactual"]) < 0.2, lin[-1]
+
+
+def test_anatomy_linearity_rejects_a_window_end_that_is_not_a_restore_point(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "anatomy.py"), "--model", "micro-llama", "--init", "scratch",
+           "--steps", "20", "--C", "10", "--forget", "1", "--linearity", "7", "--json", str(tmp_path / "a.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 2 and "--linearity" in proc.stderr and "restore points" in proc.stderr
+    assert not (tmp_path / "a.json").exists()

@@ -260,6 +260,13 @@ class WindowedReplay:
         return True
 
     # ----------------------------------------------------------- carries
+    def carry_between(self, session, d: Params, D: OptState, a: int, b: int) -> tuple[Params, OptState]:
+        """This method's carry of a deviation ``(d, D)`` (parameters, optimizer state) from before
+        step ``a`` to before step ``b``, on its own (``benchmarks/anatomy.py`` measures carries
+        from exact window ends with it)."""
+        self._carry_log = []
+        return self._carry(session, d, D, a, b)
+
     def _carry(self, session, d: Params, D: OptState, a: int, b: int) -> tuple[Params, OptState]:
         """Carry ``(d, D)`` from before step ``a`` to before step ``b`` (the estimate of the window
         that precedes a carry covers it)."""
