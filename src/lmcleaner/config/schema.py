@@ -204,6 +204,9 @@ class UnlearnConfig:
     """
 
     forget: Any = None  # list of ids, "17,203", a file of ids, or a dataset file matched to training rows
+    # a JSONL file of requests ({"request_id": "r1", "ids": [17]} per line), answered by one joint
+    # computation with one audit record each (instead of forget; unlearn/requests.py)
+    requests: Optional[str] = None
     model_dir: Optional[str] = None  # trained run dir (default: training.output_dir)
     output_dir: Optional[str] = None  # default: a fresh <run>/unlearned-<method>[-N] (retrain: <run>/retrain[-N])
     overwrite: bool = False  # replace an existing output_dir (its audit records are kept); never the source run

@@ -13,11 +13,15 @@ examples:
   lmcleaner unlearn trainer=LMCleanerBatch trainer.method_args.K=50 trainer.method_args.hessian_mode=exact \\
       unlearn.model_dir=outputs/run unlearn.forget=forget_ids.txt
   lmcleaner unlearn trainer=replay unlearn.model_dir=outputs/run unlearn.forget=data/forget.jsonl
+  lmcleaner unlearn unlearn.model_dir=outputs/run unlearn.requests=requests.jsonl
   lmcleaner unlearn trainer=LMCleanerSample unlearn.model_dir=outputs/run unlearn.forget=17 \\
       trainer.method_args.certify.epsilon=1 trainer.method_args.certify.delta=1e-5
 
 keys:
   unlearn.forget          ids (17,203), a file of ids, or a dataset file matched to training rows
+  unlearn.requests        instead of forget: a JSONL file of requests, {{"request_id": "r1", "ids": [17]}} per
+                          line, answered by ONE joint computation (one replay serves all: 1/k of the cost
+                          each), with one audit record per request
   unlearn.model_dir       the trained run (default: training.output_dir)
   unlearn.output_dir      where the unlearned model goes (default: a fresh <run>/unlearned-<method>[-N]);
                           refused when it is the run, inside it, contains it, or exists
@@ -82,6 +86,7 @@ def warn_trust(command: str, enabled: bool) -> None:
 def run(args) -> int:
     from ..config import load_config, to_dict
     from .registry import canonical_method, method_config, split_method_args
+    from .result import UnlearnError
     from .session import UnlearnSession
 
     cfg = load_config(args.config, args.overrides)
@@ -105,16 +110,34 @@ def run(args) -> int:
     session = UnlearnSession(run_dir, log_dir, trust_remote_code=args.trust_remote_code)
     session.progress = bool(cfg.training.progress_bar)  # this command's display (false: no progress lines)
     session.check_export(cfg.unlearn.export)  # before any work
+    requests = None
+    if cfg.unlearn.requests is not None:  # checked whole before anything is reserved or computed
+        from .requests import read_requests
+
+        if cfg.unlearn.forget not in (None, "", []):
+            raise UnlearnError("give either unlearn.forget or unlearn.requests, not both (the requests file "
+                               "names its own ids)")
+        requests = read_requests(cfg.unlearn.requests)
+        for req in requests:
+            try:
+                session.resolve(req["ids"])
+            except ValueError as err:
+                raise UnlearnError(f"unlearn.requests: request {req['request_id']!r}: {err}") from None
     out = Path(cfg.unlearn.output_dir) if cfg.unlearn.output_dir else session.default_output(method)
     # Refusals (output over the source, existing, read-only) happen now, before any computation;
     # under torchrun only the main rank reserves and writes (the others get None).
     target = session.reserve_output(out, cfg.unlearn.overwrite)
     try:
-        ids = session.resolve(cfg.unlearn.forget)
+        if requests is not None:  # one joint computation answers them all
+            from .requests import union_ids
+
+            ids = union_ids(requests)
+        else:
+            ids = session.resolve(cfg.unlearn.forget)
         result = session.run(method, ids, fallback_to_replay=bool(ma.get("fallback_to_replay", True)),
                              certify=ma.get("certify"), **margs)
         out = session.save(result, out, ma.get("audit_dir"), apply=bool(ma.get("apply_immediately", True)),
-                           reserved=target, export=cfg.unlearn.export)
+                           reserved=target, export=cfg.unlearn.export, requests=requests)
     except BaseException:
         if target is not None:
             target.abort()
@@ -135,6 +158,9 @@ def run(args) -> int:
     if cert:
         cert = {k: cert.get(k) for k in ("guarantee", "epsilon", "delta", "sigma", "bound", "bound_source",
                                           "mode", "noise_seed")}
+    joint = {"requests": [r["request_id"] for r in requests],
+             "grad_equivalents_share": (result.info.get("grad_equivalents_total") or 0.0) / len(requests)} \
+        if requests else {}
     print(json.dumps({"output_dir": str(out), "forget_ids": ids, **{k: result.info.get(k) for k in keys},
-                      **({"certification": cert} if cert else {})}))
+                      **joint, **({"certification": cert} if cert else {})}))
     return 0

@@ -331,8 +331,12 @@ class UnlearnSession:
 
     def save(self, result: UnlearnResult, out_dir: str | Path, audit_dir: str | Path | None = None,
              request_id: str | None = None, apply: bool = True, overwrite: bool = False,
-             reserved: AtomicDir | None = None, export: str = "merged") -> Path:
+             reserved: AtomicDir | None = None, export: str = "merged",
+             requests: list[dict[str, Any]] | None = None) -> Path:
         """Write the unlearned model (or only the correction) with its audit record, atomically.
+
+        ``requests`` (``[{"request_id", "ids"}]``, :mod:`lmcleaner.unlearn.requests`): the result
+        answers these requests jointly; each gets its own audit record instead of one.
 
         ``out_dir`` follows :meth:`check_output`; ``reserved``: the directory
         :meth:`reserve_output` already created for it. ``export="adapter"``
@@ -359,13 +363,15 @@ class UnlearnSession:
         out = reserved.final if reserved is not None else Path(out_dir)
         if self.is_main_process:
             out = self._write(result, out_dir, audit_dir, request_id, apply, overwrite, reserved, theta, before, after,
-                              export)
+                              export, requests)
         self.trainer.accelerator.wait_for_everyone()
         return out
 
     def _write(self, result: UnlearnResult, out_dir: str | Path, audit_dir, request_id, apply: bool,
                overwrite: bool, reserved: AtomicDir | None, theta, before: str, after: str,
-               export: str = "merged") -> Path:
+               export: str = "merged", requests: list[dict[str, Any]] | None = None) -> Path:
+        from .requests import joint_records
+
         target = reserved
         try:
             if audit_dir is not None:
@@ -389,14 +395,17 @@ class UnlearnSession:
                 "fingerprint_before": before, "fingerprint_after": after,
                 "dataset_fingerprint": self.trainer.dataset.fingerprint, **_jsonable(result.info),
             }
-            append_audit_record(target.tmp / "audit", record, previous=history)
+            records = joint_records(record, requests) if requests else [record]
+            for rec in records:
+                append_audit_record(target.tmp / "audit", rec, previous=history)
             target.commit()
         except BaseException:
             if target is not None:
                 target.abort()
             raise
         if audit_dir is not None:
-            append_audit_record(Path(audit_dir), record)
+            for rec in records:
+                append_audit_record(Path(audit_dir), rec)
         return out
 
 
