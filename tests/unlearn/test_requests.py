@@ -83,6 +83,15 @@ def test_cli_answers_requests_jointly_bit_identical_to_forgetting_their_union(ru
     assert [r["request_id"] for r in records] == ["r1", "r2", "r3"]
     assert [r["forget_ids"] for r in records] == [[3], [17, 40], [40]]
     assert all(r["joint_forget_ids"] == [3, 17, 40] and len(r["joint_with"]) == 2 for r in records)
+    # the oracle for the requests: `lmcleaner retrain unlearn.requests=...` retrains without their union
+    rc, _, err = cli(capsys, "retrain", f"unlearn.model_dir={run}", f"unlearn.requests={reqs}",
+                     f"unlearn.output_dir={tmp_path / 'oracle'}")
+    assert rc == 0, err
+    from safetensors.torch import load_file
+
+    oracle = load_file(str(tmp_path / "oracle" / "final_model" / "model.safetensors"))
+    answer = load_file(str(tmp_path / "joint" / "model.safetensors"))
+    assert oracle.keys() == answer.keys() and all(oracle[n].equal(answer[n]) for n in oracle)
     assert tree_hash(run) == before  # the source run is untouched
 
 

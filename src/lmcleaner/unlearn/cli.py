@@ -86,6 +86,7 @@ def warn_trust(command: str, enabled: bool) -> None:
 def run(args) -> int:
     from ..config import load_config, to_dict
     from .registry import canonical_method, method_config, split_method_args
+    from .requests import forget_spec
     from .result import UnlearnError
     from .session import UnlearnSession
 
@@ -110,30 +111,18 @@ def run(args) -> int:
     session = UnlearnSession(run_dir, log_dir, trust_remote_code=args.trust_remote_code)
     session.progress = bool(cfg.training.progress_bar)  # this command's display (false: no progress lines)
     session.check_export(cfg.unlearn.export)  # before any work
-    requests = None
-    if cfg.unlearn.requests is not None:  # checked whole before anything is reserved or computed
-        from .requests import read_requests
-
-        if cfg.unlearn.forget not in (None, "", []):
-            raise UnlearnError("give either unlearn.forget or unlearn.requests, not both (the requests file "
-                               "names its own ids)")
-        requests = read_requests(cfg.unlearn.requests)
-        for req in requests:
-            try:
-                session.resolve(req["ids"])
-            except ValueError as err:
-                raise UnlearnError(f"unlearn.requests: request {req['request_id']!r}: {err}") from None
+    spec, requests = forget_spec(cfg.unlearn)  # a requests file is checked whole before anything is reserved
+    for req in requests or []:
+        try:
+            session.resolve(req["ids"])
+        except ValueError as err:
+            raise UnlearnError(f"unlearn.requests: request {req['request_id']!r}: {err}") from None
     out = Path(cfg.unlearn.output_dir) if cfg.unlearn.output_dir else session.default_output(method)
     # Refusals (output over the source, existing, read-only) happen now, before any computation;
     # under torchrun only the main rank reserves and writes (the others get None).
     target = session.reserve_output(out, cfg.unlearn.overwrite)
     try:
-        if requests is not None:  # one joint computation answers them all
-            from .requests import union_ids
-
-            ids = union_ids(requests)
-        else:
-            ids = session.resolve(cfg.unlearn.forget)
+        ids = session.resolve(spec)  # with requests: their union, answered by one joint computation
         result = session.run(method, ids, fallback_to_replay=bool(ma.get("fallback_to_replay", True)),
                              certify=ma.get("certify"), **margs)
         out = session.save(result, out, ma.get("audit_dir"), apply=bool(ma.get("apply_immediately", True)),

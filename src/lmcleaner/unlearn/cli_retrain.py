@@ -28,6 +28,7 @@ from typing import Any
 EPILOG = """\
 example:
   lmcleaner retrain unlearn.model_dir=outputs/run unlearn.forget=17,203 [unlearn.output_dir=outputs/retrain]
+  lmcleaner retrain unlearn.model_dir=outputs/run unlearn.requests=requests.jsonl   (the oracle for their union)
 The run's training config (data, model, optimizer, seed, schedule) is read from its trajectory log or
 trainer_state.json, so the retrain follows the same order, RNG and schedule with the samples removed from
 every batch (normalisers recomputed). On CPU it is bit-identical to `lmcleaner unlearn trainer=replay`.
@@ -136,9 +137,11 @@ def run(args) -> int:
     from ..train.outputs import AtomicDir, check_output, fresh_child, is_within, resolved
     from .cli import warn_trust
     from .forget_set import resolve_forget_ids, validate_ids
+    from .requests import forget_spec
     from .session import UnlearnError
 
     cfg = load_config(args.config, args.overrides)
+    spec, _ = forget_spec(cfg.unlearn)  # unlearn.requests: the oracle for their union
     run_dir = Path(cfg.unlearn.model_dir or cfg.training.output_dir)
     if not run_dir.is_dir():
         raise UnlearnError(f"unlearn.model_dir={run_dir}: no such directory (give a trained run)")
@@ -153,7 +156,7 @@ def run(args) -> int:
     base = retrain_config(run_dir, [], final, world, args.trust_remote_code)
     tok = load_tokenizer(base.model.tokenizer, base.model.name_or_path, args.trust_remote_code)
     dataset = build_dataset(base.training, tok)
-    ids = resolve_forget_ids(cfg.unlearn.forget, dataset.records)
+    ids = resolve_forget_ids(spec, dataset.records)
     validate_ids(ids, len(dataset))
     rcfg = retrain_config(run_dir, ids, final, world, args.trust_remote_code)
     rcfg.training.progress_bar = cfg.training.progress_bar  # this command's display, not the recorded run's

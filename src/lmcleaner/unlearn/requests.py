@@ -77,6 +77,18 @@ def union_ids(requests: list[dict[str, Any]]) -> list[int]:
     return sorted({i for r in requests for i in r["ids"]})
 
 
+def forget_spec(unlearn_cfg) -> tuple[Any, list[dict[str, Any]] | None]:
+    """What a command forgets: ``(unlearn.forget, None)``, or with ``unlearn.requests`` the
+    union of the requests' ids and the requests (read and checked whole, before any work)."""
+    if unlearn_cfg.requests is None:
+        return unlearn_cfg.forget, None
+    if unlearn_cfg.forget not in (None, "", []):
+        raise UnlearnError("give either unlearn.forget or unlearn.requests, not both (the requests file "
+                           "names its own ids)")
+    requests = read_requests(unlearn_cfg.requests)
+    return union_ids(requests), requests
+
+
 def joint_records(base: dict[str, Any], requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One audit record per request from the joint result's record ``base``."""
     k = len(requests)
