@@ -285,3 +285,22 @@ def test_configured_online_method_gets_only_the_keys_set(tmp_path, method, extra
     cls = get_method(method)
     if method == "auto":  # what the method will actually run with
         assert method_config(cls, unlearner.method_args).K == expected.get("K", 40)
+
+
+def test_default_online_unlearner_is_auto_and_records_its_choice(tmp_path, retrained):
+    """``OnlineUnlearner()`` is ``auto``, like ``lmcleaner unlearn``: its event says what it chose;
+    when that is replay the run ends bit-identical to retraining without the samples."""
+    oracle, _ = retrained
+    unlearner = OnlineUnlearner()
+    assert unlearner.method == "auto"
+    trainer = Trainer(load_config(overrides=[*RUN, f"training.output_dir={tmp_path / 'run'}"]))
+    RequestAt(trainer, AT, FORGET).wrap(unlearner)
+    state = trainer.train()
+    event = state.unlearn_events[0]
+    assert event["method"] == "auto" and event["chosen"] in ("replay", "LMCleanerSampleLevel")
+    assert {c["method"] for c in event["auto"]["candidates"]} >= {"replay"}
+    final = params(trainer)
+    if event["chosen"] == "replay":
+        assert all(torch.equal(final[n], oracle[n]) for n in oracle)
+    else:
+        assert event["estimated_error"] <= event["auto"]["max_error"]

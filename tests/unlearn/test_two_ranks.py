@@ -64,7 +64,7 @@ def test_replay_under_torchrun_is_bit_identical_to_one_process(root, session, tm
     for rank in (0, 1):
         r = result(root, rank)
         assert r["num_processes"] == 2 and "MULTI_CPU" in r["distributed_type"]
-        assert r["codes"] == {"replay": 0, "lmcleaner": 0}
+        assert r["codes"] == {"replay": 0, "lmcleaner": 0, "auto_requests": 0}
     assert session.log.meta["world_size"] == 2
     # the recorded two-rank trajectory replays bit for bit in one process ...
     trained = load_file(str(root / "run" / "final_model" / "model.safetensors"))
@@ -81,6 +81,23 @@ def test_replay_under_torchrun_is_bit_identical_to_one_process(root, session, tm
     assert not all(torch.equal(two[n], trained[n]) for n in trained)
     audit = json.loads((root / "replay" / "audit" / "audit_records.json").read_text())
     assert len(audit) == 1  # written once, by rank 0
+
+
+@pytest.mark.slow
+def test_auto_on_a_requests_file_under_torchrun(root, session):
+    """The default method answering collected requests on two ranks: one joint result, written
+    once, one audit record per request; it equals what one process computes."""
+    audit = json.loads((root / "auto" / "audit" / "audit_records.json").read_text())
+    assert [(r["request_id"], r["forget_ids"]) for r in audit] == [("r0", [FORGET[0]]), ("r1", [FORGET[1]])]
+    assert all(r["joint_forget_ids"] == FORGET and r["method"] == "auto" for r in audit)
+    two = load_file(str(root / "auto" / "model.safetensors"))
+    one = session.run("auto", FORGET)
+    assert one.info["chosen"] == audit[0]["chosen"]
+    if one.info["chosen"] == "replay":  # exact: bit-identical across process counts
+        assert_equal(one.params, two)
+    else:
+        for n in one.params:
+            torch.testing.assert_close(two[n], one.params[n], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow

@@ -307,7 +307,7 @@ class Trainer:
             asked.append((req, ids))
         if self.online_unlearner is None:
             raise TrainingError("a deletion request arrived but no online unlearner is attached: set "
-                                "training.online_unlearning.method=LMCleanerSample (or replay), or pass "
+                                "training.online_unlearning.method=auto (or replay), or pass "
                                 "Trainer(..., online_unlearner=lmcleaner.unlearn.OnlineUnlearner(...))")
         union = list(dict.fromkeys(i for _, ids in asked for i in ids))  # request order, no repeats
         info = self.online_unlearner(self, union, self.state.step) if union else {}
@@ -361,7 +361,7 @@ class Trainer:
         """Train (or resume) to the step budget while holding the run's exclusive lock."""
         if self.t.forget_request_file and self.online_unlearner is None:  # before anything is created
             raise TrainingError(f"training.forget_request_file={self.t.forget_request_file} needs an online "
-                                "unlearner: set training.online_unlearning.method=LMCleanerSample (or replay)")
+                                "unlearner: set training.online_unlearning.method=auto (or replay)")
         locks = []
         if self.accelerator.is_main_process:  # one writer per run: a second one is refused here, writing nothing
             lcfg = self.config.training_logger

@@ -2,7 +2,8 @@
 
 1. trains a recorded run on two ranks (DDP);
 2. unlearns it with the command line, as a user would under torchrun:
-   `lmcleaner unlearn trainer=replay` and `trainer=LMCleanerSample` (data-parallel);
+   `lmcleaner unlearn trainer=replay` and `trainer=LMCleanerSample` (data-parallel), and the
+   default method (`auto`) on a requests file;
 3. trains a second two-rank run where a deletion request reaches rank 1 only (the Python API)
    before step AT and is applied online by exact replay; every rank dumps its final weights.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
+from lmcleaner.cli.main import main
 from lmcleaner.config import load_config
 from lmcleaner.train import Trainer
 from lmcleaner.unlearn.online import OnlineUnlearner
@@ -28,6 +30,12 @@ Trainer(load_config(overrides=[*overrides, f"training.output_dir={out}/run"]), a
 
 # 2. the command line under torchrun (each call builds its own engine from the log)
 codes = unlearn_with_cli(Path(out) / "run", forget, Path(out))
+# ... and the default method (auto) answering a requests file, one request per forgotten id
+requests = Path(out) / f"requests-rank{rank}.jsonl"
+requests.write_text("".join(json.dumps({"request_id": f"r{k}", "ids": [int(i)]}) + "\n"
+                            for k, i in enumerate(forget.split(","))))
+codes["auto_requests"] = main(["unlearn", f"unlearn.model_dir={out}/run", f"unlearn.requests={requests}",
+                               f"unlearn.output_dir={out}/auto"])
 
 # 3. an online request that only rank 1 receives
 trainer = Trainer(load_config(overrides=[*overrides, f"training.output_dir={out}/online"]), accelerator=acc,
