@@ -20,8 +20,9 @@ the optimizer-state deviation) at every restore point ``p``. It then reports:
 - with ``--eos STEPS``: the top Hessian eigenvalues of the step loss at those
   steps (Lanczos), against the stability limit of the optimizer
   (``2 (1 + momentum) / lr`` for SGD with heavy-ball momentum);
-- with ``--linearity``: how far *any* linear propagation from a window end
-  ``w`` (after the last use) can get, whatever its curvature. The training
+- with ``--linearity``: how far a linearisation of the whole training step
+  (gradient *and* optimizer map) from a window end ``w`` (after the last use)
+  can get, whatever its curvature. The training
   flow ``Phi`` from ``w`` to ``tau`` maps the recorded state to ``theta_tau``
   and the counterfactual one to ``theta'_tau``, so ``d_tau`` is its secant
   ``Phi(theta'_w) - Phi(theta_w)``. Linear propagation computes the tangent
@@ -36,7 +37,7 @@ the optimizer-state deviation) at every restore point ``p``. It then reports:
   ``linear_propagation`` is what LMCleaner's own linear carry (exact HVPs,
   ``carry=linear``) makes of ``d_w``: for SGD it *is* the tangent at the
   recorded trajectory, for AdamW it evaluates Adam's map exactly on the
-  linearised gradient (``unlearn/propagation.py``).
+  linearised gradient (``unlearn/propagation.py``) and can beat the tangent.
 
     python benchmarks/anatomy.py --seed 4 --json bench_out/anatomy_adamw_s4.json
     python benchmarks/anatomy.py --optimizer sgd --seed 6 --eos 20,60,120
@@ -192,7 +193,7 @@ def carry_errors(session, exact: dict[int, tuple[Params, dict]], pts: list[int],
 
 
 def linearity(session, ids: list[int], exact_states: dict[int, tuple[tuple, tuple]], ws: list[int],
-              eps: float, linear: bool = True) -> list[dict]:
+              eps: float) -> list[dict]:
     """Finite-difference tangents of the exact training flow from each ``w`` to ``tau`` along the
     exact deviation (see the module docstring). ``exact_states[p] = ((theta'_p, opt'_p), (theta_p, opt_p))``.
 
@@ -220,9 +221,9 @@ def linearity(session, ids: list[int], exact_states: dict[int, tuple[tuple, tupl
             return rep.continue_without(ids, tau)[0]
 
         row: dict = {"w": w}
-        if linear:  # what LMCleaner's linear carry (exact HVPs) makes of the same deviation
-            carried, _ = WindowedReplay(carry="linear").carry_between(session, d, D, w, tau)
-            row["linear_propagation"] = norm_params(sub_params(carried, d_tau)) / n_tau
+        # what LMCleaner's linear carry (exact HVPs) makes of the same deviation
+        carried, _ = WindowedReplay(carry="linear").carry_between(session, d, D, w, tau)
+        row["linear_propagation"] = norm_params(sub_params(carried, d_tau)) / n_tau
         for name, lo, hi in (("tangent_at_recorded", 0.0, eps), ("tangent_at_midpoint", 0.5 - eps / 2, 0.5 + eps / 2),
                              ("tangent_at_counterfactual", 1.0 - eps, 1.0)):
             a, b = flow(lo), flow(hi)
@@ -269,6 +270,8 @@ def main() -> None:
     ap.add_argument("--fd-eps", type=float, default=0.02, help="--linearity: finite-difference step (fraction of d_w)")
     ap.add_argument("--json", default="bench_out/anatomy.json")
     args = fidelity.parse_regime_args(ap)
+    if not 0 < args.fd_eps <= 1:
+        ap.error(f"--fd-eps {args.fd_eps}: use a fraction of d_w in (0, 1]")
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         overrides, _, _ = fidelity.regime_config(args, run_dir)

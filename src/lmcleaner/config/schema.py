@@ -66,10 +66,12 @@ class OnlineUnlearningConfig:
 
     Requests come from ``training.forget_request_file`` (lines
     ``{"request_id": "r1", "ids": [17]}`` appended while the run trains) or
-    ``Trainer.request_forget``. ``method``: ``LMCleanerSample`` / ``LMCleanerBatch``
-    (a correction, then the ids are excluded from later batches), ``replay``
-    (exact: the run ends bit-identical to retraining without them), or
-    ``rollback`` / ``sgd_formula``; unset, a request stops training with an error.
+    ``Trainer.request_forget``. ``method``: ``auto`` (exact replay unless an
+    approximation's own estimate is within its ``max_error``; the recommended one),
+    ``replay`` (exact: the run ends bit-identical to retraining without them),
+    ``LMCleanerSample`` / ``LMCleanerBatch`` (a correction, then the ids are excluded
+    from later batches), or ``rollback`` / ``sgd_formula``; unset, a request stops
+    training with an error.
     """
 
     method: Optional[str] = None
