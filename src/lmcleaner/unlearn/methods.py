@@ -37,7 +37,15 @@ from torch import nn
 from lmcleaner.trajectory.types import OptimizerSpec, ReplayedStep
 from lmcleaner.unlearn.functional import FunctionalLM, Params, norm, removal_injection, split_rows, supervised
 from lmcleaner.unlearn.hvp import BACKENDS, EXACT_IMPLS, DiagProvider, make_hvp_backend
-from lmcleaner.unlearn.propagation import OPTIMIZER_MAPS, Injector, OptState, PropagationResult, propagate
+from lmcleaner.unlearn.propagation import (
+    CURVATURE_POINTS,
+    OPTIMIZER_MAPS,
+    default_curvature_point,
+    Injector,
+    OptState,
+    PropagationResult,
+    propagate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +77,7 @@ class CorrectionAudit:
     grad_equivalents_measured: float | None = None
     hvp_cost_measured: float | None = None  # measured gradients per HVP direction
     hvp_stats: dict[str, Any] | None = None  # backend counts (low_rank: Lanczos HVPs, refreshes)
+    curvature_point: str | None = None  # where each step's curvature was taken (unlearn.propagation)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -163,6 +172,7 @@ class _Method:
         optimizer_map: str = "exact",
         exact_impl: str = "double_backward",
         hvp_options: dict[str, Any] | None = None,
+        curvature_point: str = "auto",
     ) -> None:
         if not isinstance(K, int) or K < 1:
             raise ValueError(f"K must be an integer >= 1 (got {K!r}); use e.g. K=800, or Rollback for no propagation")
@@ -177,6 +187,9 @@ class _Method:
         self.K, self.hessian_mode, self.damping = K, hessian_mode, damping
         self.track_second_moment, self.optimizer_map, self.exact_impl = track_second_moment, optimizer_map, exact_impl
         self.hvp_options = dict(hvp_options or {})  # backend options (low_rank: rank, refresh, iters)
+        if curvature_point not in ("auto", *CURVATURE_POINTS):
+            raise ValueError(f"unknown curvature_point {curvature_point!r}; use auto or one of {CURVATURE_POINTS}")
+        self.curvature_point = curvature_point  # "auto": default_curvature_point, once the optimizer is known
 
     def _run(
         self,
@@ -201,6 +214,9 @@ class _Method:
         hvp = (make_hvp_backend(self.hessian_mode, fl, diag_provider, self.exact_impl, **self.hvp_options)
                if self.K > 0 else None)
         injector = sample_injector(fl, [forget]) if self.level == "sample" else batch_injector([forget])
+        point = self.curvature_point
+        if point == "auto" or self.hessian_mode not in ("exact", "GGN"):  # diag, low_rank: curvature at theta_s
+            point = default_curvature_point(spec, self.hessian_mode) if point == "auto" else "recorded"
         cf_batches = sample_counterfactual_batches([forget]) if self.level == "sample" else None
 
         def chained():
@@ -212,6 +228,7 @@ class _Method:
                 chained(), spec, injector, tau=tau, K=self.K, fl=fl, hvp=hvp, damping=self.damping,
                 rule=self.rule, track_second_moment=self.track_second_moment, optimizer_map=self.optimizer_map,
                 last_injection=last_injection, probe_steps=probe_steps, counterfactual_batches=cf_batches,
+                curvature_point=point,
             )
         st = res.stats
         if not st.injection_steps:
@@ -228,6 +245,7 @@ class _Method:
             n_grad_evals=n_grad, grad_equivalents=n_grad + st.hvp_vectors * cost,
             hvp_path=st.hvp_path, steps_seen=st.steps_seen, sweeps=st.sweeps,
             seconds=time.perf_counter() - t0, hvp_stats=(hvp.describe() or None) if hvp is not None else None,
+            curvature_point=point if self.K > 0 else None,
         )
         measured = hvp.measured_grad_equivalents(fl.seconds_per_row) if hvp is not None else 0.0
         if measured is not None:

@@ -54,6 +54,11 @@ class PropagationConfig:
     optimizer_map: str = "exact"
     exact_impl: str = "double_backward"
     track_second_moment: bool = True
+    # where the curvature of a step is taken: midpoint (H(theta_s + D/2) D, the gradient secant
+    # g(theta+D) - g(theta) to third order in the request's deviation D; exact/GGN) | recorded
+    # (H(theta_s) D, DESIGN §3, second order) | auto: midpoint where the optimizer bounds every update
+    # (AdamW, or clipping), else recorded. Same cost; unlearn/propagation.py has the measurements.
+    curvature_point: str = "auto"
     # propagation inside the window: linear (HVPs, DESIGN §3) | replay (exact replay, unlearn.windowed)
     propagation: str = "linear"
     carry: str = "frozen"  # propagation=replay, past the window: frozen | momentum | linear
@@ -68,6 +73,10 @@ class PropagationConfig:
     tail: Optional[int] = None
 
     def validate(self) -> None:
+        if self.curvature_point not in ("auto", "recorded", "midpoint"):
+            raise ValueError(f"trainer.method_args.curvature_point={self.curvature_point!r}: use auto, midpoint or "
+                             "recorded")
+
         if self.tail is not None and self.tail < 0:
             raise ValueError(f"trainer.method_args.tail={self.tail} must be >= 0 (or null: automatic)")
         if self.K < 1:
@@ -310,7 +319,8 @@ class LMCleanerMethod(CorrectionMethod):
 
         return getattr(methods, self.algorithm_class)(K=cfg.K, hessian_mode=cfg.hessian_mode, damping=cfg.damping,
                               track_second_moment=cfg.track_second_moment, optimizer_map=cfg.optimizer_map,
-                              exact_impl=cfg.exact_impl, hvp_options=hvp_options(cfg))
+                              exact_impl=cfg.exact_impl, hvp_options=hvp_options(cfg),
+                              curvature_point=cfg.curvature_point)
 
 
 def hvp_options(cfg: Any) -> dict[str, Any] | None:
