@@ -73,7 +73,9 @@ linear in the injections (a request's columns still share one point). Where
 the linearised map is unstable (unclipped SGD with momentum past the edge of
 stability) the deviation grows without bound and so does the distance to the
 midpoint: the methods' ``curvature_point="auto"`` takes the midpoint only
-where the optimizer bounds every update (``default_curvature_point``).
+where the optimizer bounds every update (``default_curvature_point``), and
+only at the sample level (removing whole batches is a far larger deviation,
+not measured against its own oracle).
 
 Why the exact map is the default (measured in ``tests/unlearn``, see
 ``measure_errors.py``): the tangents are wrong for the large, sparse

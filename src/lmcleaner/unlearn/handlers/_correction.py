@@ -57,7 +57,8 @@ class PropagationConfig:
     # where the curvature of a step is taken: midpoint (H(theta_s + D/2) D, the gradient secant
     # g(theta+D) - g(theta) to third order in the request's deviation D; exact/GGN) | recorded
     # (H(theta_s) D, DESIGN §3, second order) | auto: midpoint where the optimizer bounds every update
-    # (AdamW, or clipping), else recorded. Same cost; unlearn/propagation.py has the measurements.
+    # (AdamW, or clipping) at the sample level, else recorded. Same cost; unlearn/propagation.py has
+    # the measurements.
     curvature_point: str = "auto"
     # propagation inside the window: linear (HVPs, DESIGN §3) | replay (exact replay, unlearn.windowed)
     propagation: str = "linear"
