@@ -120,7 +120,9 @@ def test_fsdp_log_unlearned_under_torchrun_and_in_one_process(root):
     # on coordinates with v ~ 0 (measured: 1.3e-3 of the correction's norm, a few entries off by 2.5e-4).
     diff = sum(float(((two[n] - one.params[n]).double() ** 2).sum()) for n in two) ** 0.5
     assert diff < 1e-2 * one.info["correction_norm"]
-    assert rel_error(one.params, oracle, original) == pytest.approx(rel_error(two, oracle, original), rel=0.02)
+    # the errors themselves are ~2e-3 (curvature at the midpoint): compare them to within 2e-4 absolute
+    assert rel_error(one.params, oracle, original) == pytest.approx(rel_error(two, oracle, original), rel=0.02,
+                                                                     abs=2e-4)
 
 
 @pytest.mark.parametrize("override,match", [
