@@ -67,8 +67,13 @@ def test_formal_certificate_holds_and_is_reproducible_from_the_audit(session, co
     assert all(torch.allclose(cert.params[n], corrected.params[n] + noise[n], atol=1e-6) for n in noise)
     assert c["noise_norm"] == pytest.approx(math.sqrt(sum(float((t ** 2).sum()) for t in noise.values())),
                                             rel=1e-4)
-    # an assumption buys a smaller bound, and says so
-    lip = certify_result(session, corrected, {"epsilon": 1.0, "assume": "lipschitz", "seed": 1})
+    # an assumption buys a smaller bound, and says so; it is stated for the recorded curvature point
+    # (this clipped run takes the midpoint by default, whose map moves its curvature with d)
+    assert corrected.info["curvature_point"] == "midpoint"
+    with pytest.raises(NoFormalBound, match="curvature_point=recorded"):
+        certify_result(session, corrected, {"epsilon": 1.0, "assume": "lipschitz", "seed": 1})
+    recorded = session.run("LMCleanerSampleLevel", FORGET, K=6, curvature_point="recorded")
+    lip = certify_result(session, recorded, {"epsilon": 1.0, "assume": "lipschitz", "seed": 1})
     lc = lip.info["certification"]
     assert lc["bound"] < c["bound"] and "not proven" in lc["assumptions"][0]
 

@@ -183,6 +183,11 @@ def formal_bound_for(session, result: UnlearnResult, cfg: CertifyConfig) -> Resi
         raise NoFormalBound(f"no formal bound for a linear propagation with an exact tail ({info['tail_steps']} "
                             "steps replayed from the corrected state): the bound follows the propagation to tau; "
                             "use trainer.method_args.tail=0")
+    if cfg.assume != "none" and info.get("curvature_point") == "midpoint":
+        # Theorem 2 assumes the correction's map d -> d - eta (clip(g + H_s d) - clip(g) + ...) is
+        # rho-Lipschitz; at the midpoint the curvature moves with d and the map is not that one
+        raise NoFormalBound("certify.assume=lipschitz is stated for the curvature at the recorded point; use "
+                            "trainer.method_args.curvature_point=recorded (or no assumption)")
     if info.get("optimizer_map") != "exact":
         # the derivation needs an exact first step and clipped later changes (CorrectionMethod records
         # optimizer_map); the tangent map is not covered
