@@ -354,6 +354,7 @@ class SGDFormula(_Method):
     rule = "sgd_formula"
 
     def __init__(self, level: str = "sample", **kwargs: Any) -> None:
+        kwargs.setdefault("curvature_point", "recorded")  # the baseline is the plain formula, H(theta_s) d
         super().__init__(**kwargs)
         if level not in ("sample", "batch"):
             raise ValueError(f"unknown level {level!r}; use 'sample' or 'batch'")

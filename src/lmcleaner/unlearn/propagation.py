@@ -121,6 +121,8 @@ def default_curvature_point(spec: OptimizerSpec, hessian_mode: str) -> str:
         return "recorded"
     bounded = spec.name.lower() == "adamw" or (spec.max_grad_norm or 0) > 0
     return "midpoint" if bounded else "recorded"
+
+
 _CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_
 _SNAP = 1e-5  # relative size below which g + dgrad is float32 rounding of an exact zero
 
@@ -311,6 +313,9 @@ def propagate(
     ``H_Z d``, a spurious gradient on coordinates only ``Z`` touched; AdamW
     normalises it into a full-size update (measured: embedding rows of the removed
     samples' rare tokens moved by a whole learning rate instead of 0).
+
+    ``curvature_point``: ``"recorded"`` (``H(theta_s) D``) or ``"midpoint"``
+    (``H(theta_s + D/2) D``, one curvature call per request); see the module docstring.
 
     ``probe_steps``: also return (``stats.probe[step]``) each request's deviation
     as it stands before those steps -- to compare with an exact replay segment,

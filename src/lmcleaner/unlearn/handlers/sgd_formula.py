@@ -22,5 +22,7 @@ class SGDFormulaMethod(CorrectionMethod):
     def algorithm(self, cfg: Config):
         from ..methods import SGDFormula
 
+        # auto: the baseline keeps the plain formula's recorded point (H(theta_s) d); midpoint if asked
+        point = "recorded" if cfg.curvature_point == "auto" else cfg.curvature_point
         return SGDFormula(level=cfg.level, K=cfg.K, hessian_mode=cfg.hessian_mode, damping=cfg.damping,
-                          hvp_options=hvp_options(cfg))
+                          hvp_options=hvp_options(cfg), curvature_point=point)
