@@ -147,9 +147,10 @@ def run(args) -> int:
     if cert:
         cert = {k: cert.get(k) for k in ("guarantee", "epsilon", "delta", "sigma", "bound", "bound_source",
                                           "mode", "noise_seed")}
-    joint = {"requests": [r["request_id"] for r in requests],
-             "grad_equivalents_share": (result.info.get("grad_equivalents_total") or 0.0) / len(requests)} \
-        if requests else {}
+    joint = {}
+    if requests:  # the audit has one record per request; the summary names them and their share
+        joint = {"requests": [r["request_id"] for r in requests],
+                 "grad_equivalents_share": (result.info.get("grad_equivalents_total") or 0.0) / len(requests)}
     print(json.dumps({"output_dir": str(out), "forget_ids": ids, **{k: result.info.get(k) for k in keys},
                       **joint, **({"certification": cert} if cert else {})}))
     return 0

@@ -54,7 +54,7 @@ class OnlineUnlearner:
     ``method`` (default ``auto``, as in ``lmcleaner unlearn``: exact replay unless an
     approximation's own estimate is within its ``max_error``; measured online in
     ``benchmarks/online.py`` it answered with replay at replay's cost where LMCleaner's full
-    window cost up to 2.6x and left an error of 0.27). ``method_args`` are the method's
+    window cost up to 2.6x and left an error of 0.005). ``method_args`` are the method's
     arguments. ``fallback_to_replay`` (default true, as in ``lmcleaner unlearn``): a
     correction that its own estimate or the divergence guard flags as no better than doing
     nothing is replaced by exact replay before it reaches the live model; the event records

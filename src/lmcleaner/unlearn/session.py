@@ -275,7 +275,7 @@ class UnlearnSession:
         items = [self.trainer.dataset[i] for i in ids]
         sums, counts = kl_to_oracle(self.model_with(model), self.model_with(target), items,
                                     pad_token_id=self.trainer.dataset.pad_token_id)
-        total = sum(c for c in counts)
+        total = sum(counts)
         return sum(x for x, c in zip(sums, counts) if c) / total if total else 0.0
 
     # ---------------------------------------------------------------- write
