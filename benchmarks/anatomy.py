@@ -16,7 +16,11 @@ the optimizer-state deviation) at every restore point ``p``. It then reports:
   shipped one), ``adam_state`` (AdamW's own map with the gradient held, ``m``
   and ``v`` interpolated between the recorded checkpoints) and
   ``extrapolate`` (the last segment's change per unit of learning rate, kept
-  up to ``tau``);
+  up to ``tau``); and two oracle bounds on predicting the output layer's
+  drift: ``frozen_exact_untargeted`` (the frozen carry with the never-targeted
+  output rows replaced by their exact ``d_tau``) and ``frozen_exact_head``
+  (the whole output layer exact, the body frozen) -- what a perfect
+  output-row predictor would reach on top of the frozen body;
 - with ``--eos STEPS``: the top Hessian eigenvalues of the step loss at those
   steps (Lanczos), against the stability limit of the optimizer
   (``2 (1 + momentum) / lr`` for SGD with heavy-ball momentum);
@@ -38,9 +42,16 @@ the optimizer-state deviation) at every restore point ``p``. It then reports:
   ``carry=linear``) makes of ``d_w``: for SGD it *is* the tangent at the
   recorded trajectory, for AdamW it evaluates Adam's map exactly on the
   linearised gradient (``unlearn/propagation.py``) and can beat the tangent.
+  With ``--block-bound`` also ``block_diagonal_propagation``: the same carry
+  with the exact Hessian's cross-tensor blocks zeroed (``BlockDiagonalHVP``,
+  registered here as ``hessian_mode=block_diagonal``), at the same curvature
+  point. Any per-layer curvature -- K-FAC, EK-FAC, a per-tensor diagonal --
+  approximates one of those blocks, so this is the best such a carry can do
+  (costs one exact product per tensor and step: a measurement, not a method).
 
     python benchmarks/anatomy.py --seed 4 --json bench_out/anatomy_adamw_s4.json
     python benchmarks/anatomy.py --optimizer sgd --seed 6 --eos 20,60,120
+    python benchmarks/anatomy.py --seed 13 --linearity 20,40 --block-bound
 
 Parameter error only; ``benchmarks/fidelity.py`` gives the function-space
 columns of the methods themselves.
@@ -63,6 +74,8 @@ import fidelity  # the regimes are defined there
 from lmcleaner.config import load_config
 from lmcleaner.evaluate import format_table
 from lmcleaner.train import Trainer
+from lmcleaner.unlearn.hvp import HVPBackend, register_backend
+from lmcleaner.unlearn.hvp.exact import ExactHVP
 from lmcleaner.unlearn.session import UnlearnSession
 from lmcleaner.unlearn.windowed import (
     WindowedReplay,
@@ -121,7 +134,40 @@ def anatomy(d: Params, targeted: torch.Tensor | None) -> dict:
     return out
 
 
-def carry_errors(session, exact: dict[int, tuple[Params, dict]], pts: list[int], first: int, tau: int) -> list[dict]:
+@register_backend
+class BlockDiagonalHVP(HVPBackend):
+    """The exact step Hessian with every cross-tensor block zeroed: ``(H v)_T = H_TT v_T`` per
+    trainable tensor ``T``. The k directions times the tensors are multiplied in one batched
+    exact product; the cost is counted as that many exact directions."""
+
+    name = "block_diagonal"
+    evaluates_where_asked = True
+
+    def __init__(self, fl) -> None:
+        super().__init__()
+        self.fl, self.exact = fl, ExactHVP(fl)
+
+    @classmethod
+    def build(cls, fl, *, diag_provider=None, **options):
+        return cls(fl)
+
+    @property
+    def cost_in_grads(self) -> float:  # type: ignore[override]
+        return self.exact.vectors * self.exact.cost_in_grads / max(self.vectors, 1)
+
+    def _hvp(self, params, batches, normaliser, vectors, step):
+        names = list(vectors)
+        k = next(iter(vectors.values())).shape[0]
+        # direction (i, T): direction i restricted to tensor T
+        spread = {n: v.new_zeros((k * len(names), *v.shape[1:])) for n, v in vectors.items()}
+        for j, n in enumerate(names):
+            spread[n][j * k:(j + 1) * k] = vectors[n]
+        products = self.exact.hvp(params, batches, normaliser, spread, step=step)
+        return {n: products[n][j * k:(j + 1) * k] for j, n in enumerate(names)}
+
+
+def carry_errors(session, exact: dict[int, tuple[Params, dict]], pts: list[int], first: int, tau: int,
+                 head: str | None = None, targeted: torch.Tensor | None = None) -> list[dict]:
     log, spec = session.log, session.spec
     adam = spec.name.lower() == "adamw"
     d_tau = exact[tau][0]
@@ -179,6 +225,17 @@ def carry_errors(session, exact: dict[int, tuple[Params, dict]], pts: list[int],
         rest = log.lr_mass(w, tau)
         return {n: d1[n] + (d1[n] - d0[n]) * rest / m for n in d1} if m > 0 else None
 
+    def with_exact_head(d: Params, rows: torch.Tensor | None) -> Params:
+        """``d`` with the output layer's ``rows`` (all when ``None``) replaced by the exact ``d_tau``."""
+        out = dict(d)
+        h = d[head].clone()
+        if rows is None:
+            h = d_tau[head].to(h.dtype).clone()
+        else:
+            h[rows] = d_tau[head][rows].to(h.dtype)
+        out[head] = h
+        return out
+
     rows = []
     for w in pts:
         if w >= tau:
@@ -188,12 +245,17 @@ def carry_errors(session, exact: dict[int, tuple[Params, dict]], pts: list[int],
                          ("extrapolate", extrapolate)):
             pred = fn(w) if fn is not None else None
             row[name] = norm_params(sub_params(pred, d_tau)) / n_tau if pred is not None else None
+        if head is not None:
+            held = frozen(w)
+            if targeted is not None:
+                row["frozen_exact_untargeted"] = norm_params(sub_params(with_exact_head(held, ~targeted), d_tau)) / n_tau
+            row["frozen_exact_head"] = norm_params(sub_params(with_exact_head(held, None), d_tau)) / n_tau
         rows.append(row)
     return rows
 
 
 def linearity(session, ids: list[int], exact_states: dict[int, tuple[tuple, tuple]], ws: list[int],
-              eps: float) -> list[dict]:
+              eps: float, block_bound: bool = False) -> list[dict]:
     """Finite-difference tangents of the exact training flow from each ``w`` to ``tau`` along the
     exact deviation (see the module docstring). ``exact_states[p] = ((theta'_p, opt'_p), (theta_p, opt_p))``.
 
@@ -224,6 +286,10 @@ def linearity(session, ids: list[int], exact_states: dict[int, tuple[tuple, tupl
         # what LMCleaner's linear carry (exact HVPs) makes of the same deviation
         carried, _ = WindowedReplay(carry="linear").carry_between(session, d, D, w, tau)
         row["linear_propagation"] = norm_params(sub_params(carried, d_tau)) / n_tau
+        if block_bound:
+            carried, _ = WindowedReplay(carry="linear", carry_hessian_mode="block_diagonal").carry_between(
+                session, d, D, w, tau)
+            row["block_diagonal_propagation"] = norm_params(sub_params(carried, d_tau)) / n_tau
         for name, lo, hi in (("tangent_at_recorded", 0.0, eps), ("tangent_at_midpoint", 0.5 - eps / 2, 0.5 + eps / 2),
                              ("tangent_at_counterfactual", 1.0 - eps, 1.0)):
             a, b = flow(lo), flow(hi)
@@ -268,8 +334,12 @@ def main() -> None:
     ap.add_argument("--linearity", default="", help="comma list of window ends after the last use: finite-difference "
                     "tangents of the exact flow to tau (4 replays each)")
     ap.add_argument("--fd-eps", type=float, default=0.02, help="--linearity: finite-difference step (fraction of d_w)")
+    ap.add_argument("--block-bound", action="store_true", help="--linearity: also the linear carry with per-tensor "
+                    "(block-diagonal) exact curvature, the bound of any per-layer approximation such as K-FAC")
     ap.add_argument("--json", default="bench_out/anatomy.json")
     args = fidelity.parse_regime_args(ap)
+    if args.block_bound and not args.linearity:
+        ap.error("--block-bound needs --linearity W,.. (the window ends to carry from)")
     if not 0 < args.fd_eps <= 1:
         ap.error(f"--fd-eps {args.fd_eps}: use a fraction of d_w in (0, 1]")
     with tempfile.TemporaryDirectory() as tmp:
@@ -306,9 +376,9 @@ def main() -> None:
             if head:
                 row["head_amplitude"] = float(torch.linalg.svdvals(d[head])[0])
             develop.append(row)
-        carries = carry_errors(session, exact, pts, first, tau)
+        carries = carry_errors(session, exact, pts, first, tau, head, targeted)
         eig = eos(session, [int(s) for s in args.eos.split(",") if s]) if args.eos else []
-        lin = linearity(session, ids, states, lin_ws, args.fd_eps) if lin_ws else []
+        lin = linearity(session, ids, states, lin_ws, args.fd_eps, args.block_bound) if lin_ws else []
     print(json.dumps(where, indent=1))
     print(format_table(develop))
     print(format_table(carries))

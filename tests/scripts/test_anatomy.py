@@ -43,6 +43,11 @@ def test_anatomy_row_sum_identity_and_carries(tmp_path):
         assert [r["w"] for r in carries] == [r["step"] for r in dev[:-1]]
         # from the last checkpoint before tau every carry is close to the exact deviation
         assert carries[-1]["frozen"] < carries[0]["frozen"]
+        # the oracle bounds replace entries of the frozen carry by exact ones: each can only lower
+        # the error (a sum of squares over entries), the whole output layer most
+        for r in carries:
+            assert r["frozen_exact_head"] <= r["frozen_exact_untargeted"] + 1e-12 <= r["frozen"] + 2e-12, r
+        assert carries[0]["frozen_exact_head"] < carries[0]["frozen"]
     assert all(r["adam_state"] is not None for r in adamw["carries"])
     assert all(r["adam_state"] is None for r in sgd["carries"])
 
@@ -67,3 +72,36 @@ def test_anatomy_linearity_rejects_a_window_end_that_is_not_a_restore_point(tmp_
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 2 and "--linearity" in proc.stderr and "restore points" in proc.stderr
     assert not (tmp_path / "a.json").exists()
+
+
+def test_block_diagonal_backend_is_the_exact_hessian_without_cross_tensor_blocks():
+    """``--block-bound``'s curvature (the bound of any per-layer approximation such as K-FAC):
+    against the explicit Hessian of a tiny model with every cross-tensor block zeroed."""
+    import importlib.util
+
+    import torch
+
+    from lmcleaner.unlearn import make_hvp_backend
+    from lmcleaner.unlearn.hvp import BACKENDS
+    from tests.unlearn.test_unlearn_hvp import _hessian, _problem
+    from tests.unlearn.unlearn_harness import TinyMLPLM
+
+    try:
+        spec = importlib.util.spec_from_file_location("lmcleaner_bench_anatomy", ROOT / "benchmarks" / "anatomy.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # registers hessian_mode=block_diagonal
+        torch.manual_seed(0)
+        fl, params, batches, N, unflat, flat, flat0, V = _problem(TinyMLPLM(vocab=12, dim=4, hidden=6), 12)
+        H = _hessian(fl, batches, N, unflat, flat0)
+        sizes = [params[n].numel() for n in params]
+        mask = torch.block_diag(*[torch.ones(s, s) for s in sizes])
+        want = (V @ (H * mask).T)
+        backend = make_hvp_backend("block_diagonal", fl)
+        assert backend.evaluates_where_asked
+        got = flat(backend.hvp(params, batches, N, unflat(V)))
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), float((got - want).abs().max())
+        # the cross-tensor blocks are not zero for this model: the bound drops real curvature
+        assert float((H * (1 - mask)).abs().max()) > 1e-3
+        assert backend.cost_in_grads == pytest.approx(len(sizes) * backend.exact.cost_in_grads)
+    finally:
+        BACKENDS.pop("block_diagonal", None)  # registered by the benchmark, for this test only

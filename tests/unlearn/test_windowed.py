@@ -56,13 +56,22 @@ def test_each_carry_against_exact_replay(old):
     """Short windows: every carry beats doing nothing; the linear carry (curvature products past the
     window) is the accurate one; the adaptive window meets its own estimate, which bounds the truth."""
     s, ids, theta, oracle = old
-    errors = {}
+    errors, estimates = {}, {}
     for carry in ("frozen", "momentum", "linear"):
         res = s.run("LMCleanerSampleLevel", ids, propagation="replay", K=6, carry=carry)
         errors[carry] = rel_error(res.params, theta, oracle)
+        estimates[carry] = res.info["estimated_error"]
         assert res.info["windows"] and res.info["windows"][0]["end"] < s.tau
     assert max(errors.values()) < 1.0, errors
     assert errors["linear"] < 0.3, errors
+    # the linear carry's estimate is measured against an exact continuation to the next restore
+    # point, not the frozen carry's change-rate rule (which described a carry that holds d)
+    (carried,) = res.info["carries"]
+    end = res.info["windows"][0]["end"]
+    assert [p for p, _ in carried["probe"]["relative_errors"]] == [end + 6, end + 12]  # a quarter of 48 steps
+    assert estimates["linear"] == carried["estimated_error"] != estimates["frozen"]
+    assert errors["linear"] <= 2 * estimates["linear"] + 0.005, (errors, estimates)
+    assert estimates["linear"] < estimates["frozen"], estimates
     adaptive = s.run("LMCleanerSampleLevel", ids, propagation="replay", K=6, carry="frozen", tol=0.1)
     err = rel_error(adaptive.params, theta, oracle)
     assert adaptive.info["estimated_error"] <= 0.1 + 1e-9

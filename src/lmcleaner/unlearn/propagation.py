@@ -116,8 +116,11 @@ def default_curvature_point(spec: OptimizerSpec, hessian_mode: str) -> str:
     deviation then grows without bound and the curvature at ``theta + D/2`` is taken ever farther
     away (measured: 1.6 and 2089 where the recorded point gave 1.2 and 6.0, with an estimate that
     missed the first). Backends that do not evaluate the curvature where asked (``diag``,
-    ``low_rank``) use the recorded point."""
-    if hessian_mode not in ("exact", "GGN"):
+    ``low_rank``: ``HVPBackend.evaluates_where_asked`` is false) use the recorded point."""
+    from .hvp import BACKENDS
+
+    backend = BACKENDS.get(hessian_mode)
+    if backend is None or not backend.evaluates_where_asked:
         return "recorded"
     bounded = spec.name.lower() == "adamw" or (spec.max_grad_norm or 0) > 0
     return "midpoint" if bounded else "recorded"

@@ -41,7 +41,9 @@ Carry (``carry``), from a window's end ``w`` to the next use or ``tau``:
   ``d -= eta_k mu^k b_w``. No model evaluation.
 - ``linear``: the linear propagation (``propagate``) from ``(d_w, D_w)`` with
   ``carry_hessian_mode`` curvature over the remaining steps (a replayed step
-  plus a curvature product per step: the accurate and expensive carry).
+  plus a curvature product per step: the accurate and expensive carry). The
+  curvature is taken where ``default_curvature_point`` says (the midpoint
+  ``theta + D/2`` under AdamW or clipping with exact/GGN curvature).
 
 Estimated error (``estimated_error`` in the result): ``0`` when the last
 window reaches ``tau``; else the change-rate extrapolation above from the last
@@ -50,6 +52,17 @@ restore point, the deviation at the window start, ``d = 0``, which makes the
 estimate conservative: ``M_rest / M_window``), summed over the carries that
 do not reach ``tau`` exactly. Relative to ``||d||``, i.e. an estimate of the
 relative parameter error ``||theta_hat - theta_re|| / ||theta - theta_re||``.
+That rule describes a carry that holds ``d``; a ``linear`` carry moves it, so
+its estimate is measured instead: the carry's deviation at the restore points
+after the window's end ``w`` within a quarter of the carry's steps (at least
+the first) against the exact counterfactual continued from ``w`` (one more
+replayed step per step), and the relative error ``e_p`` at the last of them,
+``p``, scaled by the learning rate of the whole carry over that of the probed
+span, ``e_p M(w, end) / M(w, p)`` (linearisation error accumulates as training
+moves; the linear method's probe rule). One segment alone was measured to be
+a poor guide: the error grows unevenly (0.0008 over the first six steps after
+a window, 0.012 over the next six, on the micro model). A carry with no
+restore point inside it keeps the window's rule.
 
 Function-space check (``function_check`` in the result), when a carry reaches
 ``tau``: on the forgotten rows, ``A = KL(answer || untouched)`` at ``tau``
@@ -125,6 +138,8 @@ class WindowedReplay:
             raise ValueError(f"tol={tol} must be >= 0 (0: fixed windows of K steps)")
         self.K, self.tol, self.carry, self.carry_hessian_mode = K, tol, carry, carry_hessian_mode
         self.damping, self.max_window = damping, max_window
+        self._ids: list[int] = []
+        self._exact_at: tuple[int, Params, OptState] | None = None  # (step, exact theta', opt') of a window's end
 
     # ------------------------------------------------------------- run
     def compute(self, session, ids: list[int]) -> tuple[Params, OptState | None, dict[str, Any]]:
@@ -140,11 +155,16 @@ class WindowedReplay:
         d: Params | None = None
         D: OptState | None = None
         pos, i, est = uses[0], 0, 0.0
+        # the exact counterfactual at the last window's end, from which a linear carry's estimate
+        # is measured (``_carry_linear``)
+        self._ids, self._exact_at = list(ids), None
+        e_window = 0.0
         betas = tuple(spec.betas) if spec.name.lower() == "adamw" else None
         while i < len(uses):
             t = uses[i]
             if d is not None and pos < t:
                 d, D = self._carry(session, d, D, pos, t)
+                est += self._carry_estimate(e_window)
             rep.seek(t)
             if d is not None:  # the counterfactual so far: the recorded state plus the carried deviation
                 theta_t, opt_t = rep.state_at(t)
@@ -178,19 +198,21 @@ class WindowedReplay:
             if not windows:  # the first window started from the recorded state: its end is exact
                 self.exact_state = (window["end"], cf_theta, cf_opt)
             last_pair = (cf_theta, theta_w)  # exact counterfactual and recorded state at the window's end
+            self._exact_at = (window["end"], cf_theta, cf_opt)
             windows.append(window)
-            est += e_window
             pos = window["end"]
             while i < len(uses) and uses[i] < pos:
                 i += 1
         if pos < tau:
             d, D = self._carry(session, d, D, pos, tau)
+            est += self._carry_estimate(e_window)
         theta, opt_state = rep.state_at(tau)
         params = {n: (theta[n].double() + d[n]).to(theta[n].dtype) for n in theta}
         new_state = _state_add(opt_state, D, betas) if D else opt_state
         check = self._function_check(session, ids, params, theta, last_pair, uses[0]) if windows[-1]["end"] < tau else None
         replayed = rep.steps_run - steps_before
         counterfactual = sum(w["end"] - w["start"] for w in windows)
+        counterfactual += sum(c["probe"]["steps"] for c in self._carry_log if "probe" in c)  # the carries' probes
         carry_cost = sum(c.get("grad_equivalents", 0.0) for c in self._carry_log)
         info = {"propagation": "replay", "carry": self.carry, "K": self.K, "tol": self.tol,
                 "windows": windows, "carries": self._carry_log, "counterfactual_steps": counterfactual,
@@ -203,6 +225,12 @@ class WindowedReplay:
         return params, new_state, info
 
     FUNCTION_LIMIT = 4.0
+
+    def _carry_estimate(self, e_window: float) -> float:
+        """The estimated error of the carry just logged: its own measured estimate (``linear``,
+        when a restore point lies inside it) or the window's change-rate rule."""
+        measured = self._carry_log[-1].get("estimated_error")
+        return e_window if measured is None else measured
 
     @staticmethod
     def _function_check(session, ids: list[int], params: Params, theta: Params, last_pair,
@@ -263,8 +291,8 @@ class WindowedReplay:
     def carry_between(self, session, d: Params, D: OptState, a: int, b: int) -> tuple[Params, OptState]:
         """This method's carry of a deviation ``(d, D)`` (parameters, optimizer state) from before
         step ``a`` to before step ``b``, on its own (``benchmarks/anatomy.py`` measures carries
-        from exact window ends with it)."""
-        self._carry_log = []
+        from exact window ends with it). No estimate is measured (no exact state is known here)."""
+        self._carry_log, self._exact_at = [], None
         return self._carry(session, d, D, a, b)
 
     def _carry(self, session, d: Params, D: OptState, a: int, b: int) -> tuple[Params, OptState]:
@@ -315,9 +343,17 @@ class WindowedReplay:
     def _carry_linear(self, session, d: Params, D: OptState, a: int, b: int) -> tuple[Params, OptState]:
         from .functional import FunctionalLM
         from .hvp import make_hvp_backend
-        from .propagation import propagate
+        from .propagation import default_curvature_point, propagate
 
-        rep = session.replayer
+        rep, log = session.replayer, session.log
+        # the exact counterfactual is known at a (a window's end): probe the carry at the restore
+        # points in its first quarter, at least one (module docstring, "Estimated error")
+        probes: list[int] = []
+        if self._exact_at is not None and self._exact_at[0] == a:
+            p = window_boundary(log, a + 1, b)
+            while p < b and (not probes or p - a <= (b - a) // 4):
+                probes.append(p)
+                p = window_boundary(log, p + 1, b)
         steps = rep.iter_steps(a, b)
         first = next(steps)
         fl = FunctionalLM(session.template, first.params.keys(), router=session.router_aux)
@@ -333,13 +369,32 @@ class WindowedReplay:
             if any(key in st for st in D.values()):
                 init[{"exp_avg": "dm", "exp_avg_sq": "dv", "momentum_buffer": "db"}[key]] = {
                     n: D[n][key].float() for n in D if key in D[n]}
+        point = default_curvature_point(session.spec, self.carry_hessian_mode)
         with fl.curvature_mode():
             res = propagate(chained(), session.spec, lambda st, p, g: {}, tau=b, K=b - a, fl=fl, hvp=hvp,
-                            damping=self.damping, initial=init)
+                            damping=self.damping, initial=init, curvature_point=point,
+                            probe_steps=probes)
         delta = res.delta_params[0]
         st = res.delta_opt_state[0]
         newD = {n: {k: v.double() for k, v in s.items()} for n, s in st.items()}
         cost = res.stats.grad_evals + res.stats.hvp_vectors * hvp.cost_in_grads
-        self._carry_log.append({"from": a, "to": b, "carry": "linear", "hessian_mode": self.carry_hessian_mode,
-                              "grad_equivalents": cost, "hvp_vectors": res.stats.hvp_vectors})
+        entry = {"from": a, "to": b, "carry": "linear", "hessian_mode": self.carry_hessian_mode,
+                 "curvature_point": point, "grad_equivalents": cost, "hvp_vectors": res.stats.hvp_vectors}
+        if probes:
+            # the exact continuation from a through the probes, one replayed step per step (counted
+            # by the replayer, like the windows)
+            _, cf_theta, cf_opt = self._exact_at
+            rep.seek(a)
+            rep.load_state(cf_theta, cf_opt)
+            errors = []
+            for p, (cf, _), (theta_p, _) in rep.counterfactual_stops(self._ids, probes):
+                exact = sub_params(cf, theta_p)
+                pred = {n: v.double() for n, v in res.stats.probe[p][0].items()}
+                den = norm_params(exact)
+                errors.append([p, norm_params(sub_params(pred, exact)) / den if den > 0 else 0.0])
+            p, e_p = errors[-1]
+            seen = log.lr_mass(a, p)
+            entry.update(probe={"steps": p - a, "relative_errors": errors},
+                         estimated_error=e_p * log.lr_mass(a, b) / seen if seen > 0 else e_p)
+        self._carry_log.append(entry)
         return {n: v.double() for n, v in delta.items()}, newD

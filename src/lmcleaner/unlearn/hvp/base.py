@@ -72,6 +72,9 @@ class HVPBackend(ABC):
 
     #: measured cost of one direction in gradient evaluations (k = 1), see ``exact.py``
     cost_in_grads: float = 0.0
+    #: the product is the curvature at the ``params`` passed (true), not a recorded or cached
+    #: one: only then can the propagation ask for it at the midpoint ``theta + D/2``
+    evaluates_where_asked: bool = False
 
     def describe(self) -> dict[str, Any]:
         """Backend-specific counts and settings for the audit record (none by default)."""

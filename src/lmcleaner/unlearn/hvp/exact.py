@@ -54,6 +54,7 @@ class ExactHVP(HVPBackend):
     """
 
     name = "exact"
+    evaluates_where_asked = True
 
     def __init__(self, fl: FunctionalLM, impl: str = "double_backward") -> None:
         super().__init__()

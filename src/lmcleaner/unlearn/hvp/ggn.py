@@ -35,6 +35,7 @@ class GGNHVP(HVPBackend):
     """
 
     name = "GGN"
+    evaluates_where_asked = True
     cost_in_grads = 2.7  # measured, see exact.py
 
     def __init__(self, fl: FunctionalLM) -> None:
