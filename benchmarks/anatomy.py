@@ -227,14 +227,11 @@ def carry_errors(session, exact: dict[int, tuple[Params, dict]], pts: list[int],
 
     def with_exact_head(d: Params, rows: torch.Tensor | None) -> Params:
         """``d`` with the output layer's ``rows`` (all when ``None``) replaced by the exact ``d_tau``."""
-        out = dict(d)
         h = d[head].clone()
         if rows is None:
-            h = d_tau[head].to(h.dtype).clone()
-        else:
-            h[rows] = d_tau[head][rows].to(h.dtype)
-        out[head] = h
-        return out
+            rows = slice(None)
+        h[rows] = d_tau[head][rows].to(h.dtype)
+        return {**d, head: h}
 
     rows = []
     for w in pts:

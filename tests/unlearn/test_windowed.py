@@ -64,8 +64,9 @@ def test_each_carry_against_exact_replay(old):
         assert res.info["windows"] and res.info["windows"][0]["end"] < s.tau
     assert max(errors.values()) < 1.0, errors
     assert errors["linear"] < 0.3, errors
-    # the linear carry's estimate is measured against an exact continuation to the next restore
-    # point, not the frozen carry's change-rate rule (which described a carry that holds d)
+    # the linear carry's estimate is measured against an exact continuation over the restore
+    # points in its first quarter, not the frozen carry's change-rate rule (which described a
+    # carry that holds d)
     (carried,) = res.info["carries"]
     end = res.info["windows"][0]["end"]
     assert [p for p, _ in carried["probe"]["relative_errors"]] == [end + 6, end + 12]  # a quarter of 48 steps

@@ -116,6 +116,25 @@ def _state_add(base: OptState, delta: OptState, betas: tuple[float, float] | Non
     return out
 
 
+def probe_errors(rep, ids: list[int], predicted: dict[int, Params]) -> list[list]:
+    """``[[p, e_p], ...]``: the relative error of each predicted deviation ``predicted[p]`` against
+    the exact counterfactual, replayed without ``ids`` from the engine's current state (the caller
+    seeks and loads it) through the probe steps ``p`` in order (one gradient per step)."""
+    errors = []
+    for p, (cf, _), (theta_p, _) in rep.counterfactual_stops(ids, sorted(predicted)):
+        exact = sub_params(cf, theta_p)
+        den = norm_params(exact)
+        errors.append([p, norm_params(sub_params(predicted[p], exact)) / den if den > 0 else 0.0])
+    return errors
+
+
+def extrapolated_error(log, start: int, probe: int, end: int, e: float) -> float:
+    """A probe's error ``e`` over ``start..probe`` grown to ``end`` by learning-rate mass
+    (linearisation error accumulates as training moves)."""
+    seen = log.lr_mass(start, probe)
+    return e * log.lr_mass(start, end) / seen if seen > 0 else e
+
+
 def window_boundary(log, at_least: int, tau: int) -> int:
     """The first restore point ``>= at_least`` whose state is on disk as it is (else ``tau``):
     a window ending there reads the recorded ``theta`` instead of replaying it."""
@@ -386,15 +405,9 @@ class WindowedReplay:
             _, cf_theta, cf_opt = self._exact_at
             rep.seek(a)
             rep.load_state(cf_theta, cf_opt)
-            errors = []
-            for p, (cf, _), (theta_p, _) in rep.counterfactual_stops(self._ids, probes):
-                exact = sub_params(cf, theta_p)
-                pred = {n: v.double() for n, v in res.stats.probe[p][0].items()}
-                den = norm_params(exact)
-                errors.append([p, norm_params(sub_params(pred, exact)) / den if den > 0 else 0.0])
+            errors = probe_errors(rep, self._ids, {p: res.stats.probe[p][0] for p in probes})
             p, e_p = errors[-1]
-            seen = log.lr_mass(a, p)
             entry.update(probe={"steps": p - a, "relative_errors": errors},
-                         estimated_error=e_p * log.lr_mass(a, b) / seen if seen > 0 else e_p)
+                         estimated_error=extrapolated_error(log, a, p, b, e_p))
         self._carry_log.append(entry)
         return {n: v.double() for n, v in delta.items()}, newD

@@ -150,7 +150,7 @@ class CorrectionMethod:
           unit of learning rate, times the learning rate still to come, estimates it (the same
           rule as the windowed method's, ``unlearn.windowed``).
         A value near or above 1 means the correction is no better than doing nothing."""
-        from ..windowed import norm_params, sub_params
+        from ..windowed import extrapolated_error, norm_params, probe_errors, sub_params
 
         out: dict[str, Any] = {"probe_steps": 0, "estimate_parts": {}}
         parts = out["estimate_parts"]
@@ -160,17 +160,11 @@ class CorrectionMethod:
             rep, t0 = session.replayer, touched[0]
             before = rep.steps_run
             rep.seek(t0)
-            errors = []
-            for p, (cf, _), (theta_p, _) in rep.counterfactual_stops(ids, probes):
-                exact = sub_params(cf, theta_p)
-                den = norm_params(exact)
-                errors.append((p, norm_params(sub_params(corr.probe[p], exact)) / den if den > 0 else 0.0))
+            errors = probe_errors(rep, ids, {p: corr.probe[p] for p in probes})
             out["probe_steps"] = rep.steps_run - before
             last, e = errors[-1]
-            # linearisation error grows as training moves: extrapolate by the learning rate still to come
-            seen = log.lr_mass(t0, last)
-            parts["linearisation"] = e * log.lr_mass(t0, session.tau) / seen if seen > 0 else e
-            parts["linearisation_probes"] = [[p, err] for p, err in errors]
+            parts["linearisation"] = extrapolated_error(log, t0, last, session.tau, e)
+            parts["linearisation_probes"] = errors
         if trunc is None:
             parts["truncation"] = 0.0
         elif trunc[1] in corr.probe:
